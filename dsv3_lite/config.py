@@ -115,9 +115,12 @@ class ModelArgs:
 
     @classmethod
     def tiny(cls, **overrides) -> "ModelArgs":
-        """A shape with every V3 feature switched on that trains on a 2-core CPU in about a minute."""
+        """A shape with every V3 feature switched on that trains on a 2-core CPU in about a minute.
+
+        vocab_size 260 fits `dsv3_lite.data.ByteTokenizer` (256 bytes + 4 special tokens).
+        """
         base = dict(
-            vocab_size=256, dim=64, inter_dim=192, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
+            vocab_size=260, dim=64, inter_dim=192, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
             max_seq_len=256, max_batch_size=16,
             n_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=16,
