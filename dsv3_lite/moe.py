@@ -1,0 +1,218 @@
+"""DeepSeekMoE with auxiliary-loss-free load balancing (report section 2.1.2).
+
+Every token goes through the shared experts, plus the K_r routed experts its gate picks:
+
+    h' = u + sum_i FFN_shared_i(u) + sum_j g_j FFN_routed_j(u)                       (eq. 12)
+    s_j = sigmoid(u . e_j)                                                           (eq. 15)
+    chosen = top-K_r of s_j + b_j (within the token's best groups)                   (eq. 16)
+    g_j = route_scale * s_j / sum_{chosen} s                                         (eq. 13)
+
+The bias b steers the choice only; the gating weights use the raw affinities. After each optimizer step
+`MoE.update_bias` nudges every b_j by gamma towards balance (section 2.1.2, "auxiliary-loss-free load
+balancing"). A tiny sequence-wise loss (eqs. 17-20) and, for baselines, a classic expert-level auxiliary
+loss are available through `ModelArgs.seq_aux_alpha` and `ModelArgs.aux_loss_alpha`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsv3_lite.config import ModelArgs
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward network: w2(silu(w1 x) * w3 x). Used for every expert and the dense FFN."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Routing(NamedTuple):
+    """What the gate decides for T tokens."""
+
+    weights: Tensor  # (T, K) gating weights g, from the raw affinities, normalized and scaled
+    indices: Tensor  # (T, K) chosen routed experts
+    scores: Tensor   # (T, N_r) raw affinities s (FP32), needed by the balance losses
+
+
+class Gate(nn.Module):
+    """The router: affinities, bias-steered group-limited top-K selection, gating weights.
+
+    `weight` is (n_routed_experts, dim); `bias` is the selection bias b of the auxiliary-loss-free
+    strategy, a parameter without gradient that only `MoE.update_bias` changes.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dim = args.dim
+        self.n_experts = args.n_routed_experts
+        self.topk = args.n_activated_experts
+        self.n_groups = args.n_expert_groups
+        self.topk_groups = args.n_limited_groups
+        self.score_func = args.score_func
+        self.route_scale = args.route_scale
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Routing:
+        """Route x of shape (T, dim). Gating runs in FP32, as in the report's mixed-precision recipe."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        biased = scores + self.bias.float()
+        if self.topk_groups < self.n_groups:
+            biased = self._mask_groups(biased)
+        indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            # Sigmoid affinities do not sum to 1; softmax ones already do over all experts (V2 kept them).
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(weights * self.route_scale, indices, scores)
+
+    def _mask_groups(self, biased: Tensor) -> Tensor:
+        """Node-limited routing: score each group by the sum of its top-2 biased affinities, keep the
+        best n_limited_groups groups and set every expert outside them to -inf."""
+        grouped = biased.view(biased.shape[0], self.n_groups, -1)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep = group_scores.topk(self.topk_groups, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: shared experts on every token plus K_r routed experts chosen by the gate.
+
+    Dispatch sorts the (token, expert) pairs by expert, runs each expert once on its contiguous slice and
+    scatters the weighted results back; no token is dropped. After a forward in training mode `aux_loss`
+    holds seq_aux_alpha * sequence-wise loss + aux_loss_alpha * classic loss (a zero tensor when both are
+    0), and `expert_counts` has accumulated the tokens each expert received since the last `update_bias`.
+    """
+
+    expert_counts: Tensor
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        # The N_s shared experts are fused into one MLP of N_s times the width (same parameters and output).
+        self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+                               if args.n_shared_experts else None)
+        self.register_buffer("expert_counts", torch.zeros(args.n_routed_experts, dtype=torch.long),
+                             persistent=False)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_indices: Tensor | None = None  # (B*S, K) routing of the latest forward, for statistics
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights ~ N(0, init_std) (report 4.2: 0.006); the selection bias starts at zero."""
+        for name, param in self.named_parameters():
+            if name == "gate.bias":
+                nn.init.zeros_(param)
+            else:
+                nn.init.normal_(param, mean=0.0, std=self.args.init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.args.dim:
+            raise ValueError(f"MoE expects x of shape (batch, seq_len, {self.args.dim}), got {tuple(x.shape)}")
+        batch, seq_len, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        routing = self.gate(tokens)
+        out = self._dispatch(tokens, routing.weights, routing.indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+
+        counts = torch.bincount(routing.indices.flatten(), minlength=self.args.n_routed_experts)
+        self.last_indices = routing.indices.detach()
+        if self.training:
+            self.expert_counts += counts
+            self.aux_loss = self._balance_loss(routing, batch)
+        else:
+            self.aux_loss = x.new_zeros((), dtype=torch.float32)
+        return out.view(batch, seq_len, dim)
+
+    def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Sort (token, slot) pairs by expert, run each expert on its slice, scatter-add the results."""
+        k = indices.shape[1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        sizes = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        chunks = tokens[token_of].split(sizes)
+        routed = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
+        return torch.zeros_like(tokens).index_add_(0, token_of, routed)
+
+    def _balance_loss(self, routing: Routing, batch: int) -> Tensor:
+        loss = routing.scores.new_zeros(())
+        if self.args.seq_aux_alpha > 0:
+            loss = loss + self.args.seq_aux_alpha * balance_loss(routing.scores, routing.indices, batch)
+        if self.args.aux_loss_alpha > 0:
+            loss = loss + self.args.aux_loss_alpha * balance_loss(routing.scores, routing.indices)
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float | None = None) -> Tensor:
+        """Auxiliary-loss-free balancing: b_i -= gamma for every overloaded expert (more tokens than the
+        mean since the last call), b_i += gamma for every underloaded one. Call after each optimizer step.
+        Returns the counts it used and resets them."""
+        gamma = self.args.bias_update_speed if gamma is None else gamma
+        counts = self.expert_counts.clone()
+        if counts.sum() > 0:
+            load = counts.float()
+            self.gate.bias.add_(gamma * torch.sign(load.mean() - load))
+        self.expert_counts.zero_()
+        return counts
+
+
+def balance_loss(scores: Tensor, indices: Tensor, n_sequences: int = 1) -> Tensor:
+    """Balance loss sum_i f_i P_i (eqs. 17-20, without alpha), averaged over `n_sequences` equal slices.
+
+    f_i = N_r / (K_r T) * (tokens of the slice routed to i) carries no gradient; P_i is the mean over the
+    slice of the normalized affinity s_i / sum_j s_j. With n_sequences = batch size this is the report's
+    complementary sequence-wise loss; with n_sequences = 1 it is the classic expert-level auxiliary loss
+    over the whole batch (the DeepSeek-V2 / Switch-style baseline). scores (T_total, N_r), indices
+    (T_total, K_r)."""
+    n_tokens, n_experts = scores.shape
+    k = indices.shape[-1]
+    seq_len = n_tokens // n_sequences
+    counts = scores.new_zeros(n_sequences, n_experts).scatter_add_(
+        1, indices.reshape(n_sequences, -1), scores.new_ones(n_sequences, seq_len * k))
+    f = counts * (n_experts / (k * seq_len))
+    p = (scores / scores.sum(dim=-1, keepdim=True)).view(n_sequences, seq_len, n_experts).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def expert_load(indices: Tensor, n_experts: int) -> Tensor:
+    """Tokens routed to each expert: a (n_experts,) LongTensor."""
+    return torch.bincount(indices.flatten(), minlength=n_experts)
+
+
+def max_violation(load: Tensor) -> float:
+    """MaxVio = max_i load_i / mean load - 1 (0 is perfect balance)."""
+    load = load.float()
+    return (load.max() / load.mean() - 1).item()
+
+
+def groups_touched(indices: Tensor, n_experts: int, n_groups: int) -> Tensor:
+    """Distinct expert groups (nodes) each token's routed experts live in: a (T,) LongTensor."""
+    group = indices // (n_experts // n_groups)
+    hit = torch.zeros(indices.shape[0], n_groups, dtype=torch.bool, device=indices.device)
+    hit.scatter_(1, group, True)
+    return hit.sum(dim=-1)
+
+
+__all__ = ["MLP", "Gate", "Routing", "MoE", "balance_loss", "expert_load", "max_violation",
+           "groups_touched"]
