@@ -111,7 +111,7 @@ _ZH_SENTENCES = [
     "{weather}，所以{a}和{b}留在{place}看书。",
     "{b}问{a}：“这个{adj}{thing}是从哪里来的？”",
     "{a}说：“我是在{place}找到的。”",
-    "{b}觉得这个{thing}{feeling}。",
+    "{b}看到这个{thing}，{feeling}。",
     "他们一起把{thing}带回了{place}。",
     "{a}{feeling}，因为{b}送给他一个{adj}{thing}。",
     "{place}里有{n}个人在等{b}。",

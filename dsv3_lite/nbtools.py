@@ -31,17 +31,16 @@ def show_source(obj: Any) -> None:
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
 
 
-def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> bool:
+def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> None:
     """Self-check for an exercise: prints whether `answer` matches `expected` (numbers within rel_tol)."""
     if answer is None:
         print(f"{label}: not attempted yet (set your answer and re-run this cell)")
-        return False
+        return
     if isinstance(expected, (int, float)) and isinstance(answer, (int, float)):
         ok = math.isclose(answer, expected, rel_tol=rel_tol)
     else:
         ok = answer == expected
     print(f"{label}: {'correct' if ok else 'not quite, try again'}")
-    return ok
 
 
 def sig(x: float, digits: int = 4) -> str:

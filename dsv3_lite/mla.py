@@ -1,0 +1,281 @@
+"""Multi-head Latent Attention (report 2.1.1) and the MHA / GQA / MQA baselines it is measured against.
+
+MLA compresses what attention must remember about a token into a small latent c_KV (kv_lora_rank values)
+plus one RoPE key shared by all heads (qk_rope_head_dim values). Per-head keys and values are
+up-projections of c_KV:
+
+    c_KV = RMSNorm(W_DKV h),   [k_nope | v]_head = W_UKV c_KV,   k_rope = RoPE(W_KR h)
+    q = W_UQ RMSNorm(W_DQ h)  (or W_Q h when q_lora_rank = 0),   [q_nope | q_rope]_head, q_rope rotated
+
+Two inference paths, chosen by `ModelArgs.attn_impl`:
+
+- "naive" up-projects every key and value and caches them per head: n_h * (d_qk + d_v) values per token.
+- "absorb" caches only c_KV and the rotated k_rope (d_c + d_h^R values per token). Because
+  q_nope . (W_UK c) = (W_UK^T q_nope) . c, W_UK folds into the query; because the output is linear in v,
+  W_UV is applied after attending over c. The RoPE part cannot fold (its rotation depends on the key's
+  position), which is why it is decoupled and carried separately.
+
+Every attention module here owns its KV cache (`allocate_cache` / `free_cache`). Without a cache, forward is
+plain causal attention over x (the training path); with one, it writes positions [start_pos, start_pos + S)
+and attends over [0, start_pos + S). The cache is an inference structure: values written to it are detached.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsv3_lite.config import ModelArgs
+from dsv3_lite.norm import RMSNorm
+from dsv3_lite.rope import apply_rotary_emb, precompute_freqs_cis
+
+
+def causal_mask(q_start: int, n_q: int, k_start: int, n_k: int, device=None) -> torch.Tensor | None:
+    """Additive (n_q, n_k) mask, -inf where the key's position is after the query's; None if nothing is masked.
+
+    Positions are absolute, so a prefill that continues a cached prefix (queries at q_start.., keys at 0..)
+    is masked correctly.
+    """
+    q_pos = torch.arange(q_start, q_start + n_q, device=device)
+    k_pos = torch.arange(k_start, k_start + n_k, device=device)
+    future = k_pos[None, :] > q_pos[:, None]
+    if not future.any():
+        return None
+    return torch.zeros(n_q, n_k, device=device).masked_fill_(future, float("-inf"))
+
+
+def _softmax_fp32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim (keys) in FP32; scores are (B, S, ..., T), mask is (S, T)."""
+    scores = scores.float()
+    if mask is not None:
+        scores = scores + mask.view(mask.shape[0], *([1] * (scores.ndim - 3)), mask.shape[1])
+    return scores.softmax(dim=-1)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with n_kv <= n_h key-value heads, each shared by n_h / n_kv consecutive query heads.
+
+    q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v) -> (B, S, n_h, d_v). Keys and values are
+    broadcast across their group, never copied.
+    """
+    bsz, seqlen, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q = q.view(bsz, seqlen, n_kv, n_heads // n_kv, head_dim)
+    scores = torch.einsum("bsgrd,btgd->bsgrt", q, k) * scale
+    probs = _softmax_fp32(scores, mask).type_as(v)
+    out = torch.einsum("bsgrt,btgd->bsgrd", probs, v)
+    return out.reshape(bsz, seqlen, n_heads, v.shape[-1])
+
+
+class CachedAttention(nn.Module):
+    """What every attention variant here shares: input checks, its rope table and a KV cache it owns.
+
+    Subclasses describe their cache with `cache_layout()` (name -> per-token shape); the cache holds
+    (batch_size, max_seq_len, *shape) per name, allocated in the parameters' dtype.
+    """
+
+    freqs_cis: torch.Tensor
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.cache_batch_size = 0
+
+    def cache_layout(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def cache_elems_per_token(self) -> int:
+        """Values this layer caches per token (multiply by bytes per value and layers for memory)."""
+        return sum(math.prod(shape) for shape in self.cache_layout().values())
+
+    def cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """Cache bytes per token for this layer (default: BF16, 2 bytes per value)."""
+        return self.cache_elems_per_token() * bytes_per_element
+
+    @property
+    def has_cache(self) -> bool:
+        return self.cache_batch_size > 0
+
+    def allocate_cache(self, batch_size: int) -> None:
+        """Allocate (or re-allocate, zeroed) a cache for `batch_size` sequences of up to max_seq_len tokens."""
+        if not 1 <= batch_size <= self.args.max_batch_size:
+            raise ValueError(f"batch_size ({batch_size}) must be in [1, max_batch_size ({self.args.max_batch_size})]")
+        self.free_cache()
+        weight = next(self.parameters())
+        for name, shape in self.cache_layout().items():
+            buf = torch.zeros(batch_size, self.args.max_seq_len, *shape, dtype=weight.dtype, device=weight.device)
+            self.register_buffer(f"cache_{name}", buf, persistent=False)
+        self.cache_batch_size = batch_size
+
+    def free_cache(self) -> None:
+        for name in self.cache_layout():
+            if hasattr(self, f"cache_{name}"):
+                delattr(self, f"cache_{name}")
+        self.cache_batch_size = 0
+
+    def _check_input(self, x: torch.Tensor, start_pos: int) -> tuple[int, int]:
+        dim = self.args.dim
+        if x.ndim != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x must be (batch, seq_len, dim) with dim = {dim}, got shape {tuple(x.shape)}")
+        bsz, seqlen = x.shape[:2]
+        if start_pos < 0:
+            raise ValueError(f"start_pos ({start_pos}) must be >= 0")
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"start_pos + seq_len ({start_pos} + {seqlen}) must be <= "
+                             f"max_seq_len ({self.args.max_seq_len})")
+        if self.has_cache and bsz > self.cache_batch_size:
+            raise ValueError(f"batch size ({bsz}) must be <= the cache's batch size ({self.cache_batch_size}) "
+                             f"given to allocate_cache")
+        return bsz, seqlen
+
+    def _update_cache(self, start_pos: int, **new: torch.Tensor) -> list[torch.Tensor]:
+        """Write each new (B, S, ...) tensor at [start_pos, start_pos + S); return the views over [0, end)."""
+        views = []
+        for name, value in new.items():
+            buf = getattr(self, f"cache_{name}")
+            bsz, end = value.shape[0], start_pos + value.shape[1]
+            buf[:bsz, start_pos:end] = value.detach()
+            views.append(buf[:bsz, :end])
+        return views
+
+    def _mask(self, start_pos: int, seqlen: int, device) -> torch.Tensor | None:
+        k_start = 0 if self.has_cache else start_pos
+        return causal_mask(start_pos, seqlen, k_start, start_pos + seqlen - k_start, device)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) would cast the complex rope table to a real dtype and drop its imaginary part:
+        # the table keeps complex64 and only follows the parameters' device.
+        freqs = self._buffers.pop("freqs_cis")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["freqs_cis"] = freqs.to(next(self.parameters()).device)
+        return self
+
+    def _init_linear_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+
+
+class MLA(CachedAttention):
+    """Multi-head Latent Attention; parameter names follow DeepSeek's reference implementation."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        h, dim = args.n_heads, args.dim
+        self.n_heads = h
+        self.attn_impl = args.attn_impl
+        if args.q_lora_rank == 0:
+            self.wq = nn.Linear(dim, h * args.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, args.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.wq_b = nn.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(dim, args.kv_lora_rank + args.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.wo = nn.Linear(h * args.v_head_dim, dim, bias=False)
+        self.softmax_scale = args.softmax_scale()
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self._init_linear_weights()
+
+    def cache_layout(self) -> dict[str, tuple[int, ...]]:
+        a = self.args
+        if self.attn_impl == "naive":  # per-head keys (nope and rope) and values: n_h * (d_qk + d_v)
+            return {"k": (a.n_heads, a.qk_head_dim), "v": (a.n_heads, a.v_head_dim)}
+        return {"kv": (a.kv_lora_rank,), "pe": (a.qk_rope_head_dim,)}  # latent and rope key: d_c + d_h^R
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim)."""
+        a = self.args
+        bsz, seqlen = self._check_input(x, start_pos)
+        end = start_pos + seqlen
+        freqs = self.freqs_cis[start_pos:end]
+
+        q = self.wq(x) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(bsz, seqlen, self.n_heads, a.qk_head_dim).split(
+            [a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs)
+        kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs)  # (B, S, 1, d_rope): one key for all heads
+        kv = self.kv_norm(kv)
+        mask = self._mask(start_pos, seqlen, x.device)
+
+        if self.attn_impl == "naive":
+            k_nope, v = self.wkv_b(kv).view(bsz, seqlen, self.n_heads, -1).split(
+                [a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+            if self.has_cache:
+                k, v = self._update_cache(start_pos, k=k, v=v)
+            out = grouped_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.softmax_scale, mask)
+        else:
+            w_ukv = self.wkv_b.weight.view(self.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+            w_uk, w_uv = w_ukv[:, :a.qk_nope_head_dim], w_ukv[:, a.qk_nope_head_dim:]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
+            k_pe = k_pe.squeeze(2)
+            if self.has_cache:
+                kv, k_pe = self._update_cache(start_pos, kv=kv, pe=k_pe)
+            scores = (torch.einsum("bshc,btc->bsht", q_latent, kv)
+                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
+            probs = _softmax_fp32(scores, mask).type_as(x)
+            out = torch.einsum("bsht,btc->bshc", probs, kv)  # attend over the latent ...
+            out = torch.einsum("bshc,hdc->bshd", out, w_uv)  # ... then apply W_UV
+        return self.wo(out.flatten(2))
+
+
+class GQA(CachedAttention):
+    """Grouped-query attention baseline: n_kv_heads key-value heads, each shared by n_heads / n_kv_heads
+    query heads, RoPE on the whole head (LLaMA style). MHA is n_kv_heads = n_heads, MQA n_kv_heads = 1.
+
+    head_dim defaults to v_head_dim (d_h = 128 in V3); the softmax scale is head_dim^-0.5 with the same
+    YaRN correction as MLA.
+    """
+
+    def __init__(self, args: ModelArgs, n_kv_heads: int, head_dim: int | None = None):
+        super().__init__(args)
+        head_dim = args.v_head_dim if head_dim is None else head_dim
+        if not 1 <= n_kv_heads <= args.n_heads or args.n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({args.n_heads})")
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"head_dim ({head_dim}) must be positive and even (RoPE rotates pairs)")
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * head_dim, args.dim, bias=False)
+        self.softmax_scale = args.softmax_scale() * (args.qk_head_dim / head_dim) ** 0.5
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args.replace(qk_rope_head_dim=head_dim)),
+                             persistent=False)
+        self._init_linear_weights()
+
+    def cache_layout(self) -> dict[str, tuple[int, ...]]:
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim)."""
+        bsz, seqlen = self._check_input(x, start_pos)
+        freqs = self.freqs_cis[start_pos:start_pos + seqlen]
+        q = apply_rotary_emb(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), freqs)
+        k = apply_rotary_emb(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        if self.has_cache:
+            k, v = self._update_cache(start_pos, k=k, v=v)
+        out = grouped_attention(q, k, v, self.softmax_scale, self._mask(start_pos, seqlen, x.device))
+        return self.wo(out.flatten(2))
+
+
+class MHA(GQA):
+    """Multi-head attention: every query head has its own key and value head."""
+
+    def __init__(self, args: ModelArgs, head_dim: int | None = None):
+        super().__init__(args, n_kv_heads=args.n_heads, head_dim=head_dim)
+
+
+class MQA(GQA):
+    """Multi-query attention: one key and value head shared by all query heads."""
+
+    def __init__(self, args: ModelArgs, head_dim: int | None = None):
+        super().__init__(args, n_kv_heads=1, head_dim=head_dim)

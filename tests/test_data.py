@@ -1,0 +1,103 @@
+"""The corpus is deterministic, mixes the four domains, and the tokenizer round-trips any text."""
+import hashlib
+
+import pytest
+import torch
+
+from dsv3_lite.data import DOMAINS, ByteTokenizer, Corpus, Document, build_documents
+
+# sha256 of the default train split: any change to the generator (or to Python's `random`) changes it, and
+# with it every chapter's numbers.
+DEFAULT_CORPUS_DIGEST = "4f3dbc07c427eabe"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.default()
+
+
+def test_corpus_is_identical_on_every_build():
+    a, b = build_documents(docs_per_domain=50), build_documents(docs_per_domain=50)
+    assert a == b
+    assert build_documents(docs_per_domain=50, seed=1) != a
+
+
+def test_default_corpus_fingerprint(corpus):
+    digest = hashlib.sha256(corpus.train.numpy().astype("int16").tobytes()).hexdigest()[:16]
+    assert digest == DEFAULT_CORPUS_DIGEST
+
+
+def test_all_domains_in_both_splits(corpus):
+    assert corpus.domains == DOMAINS
+    for domains in (corpus.train_domains, corpus.val_domains):
+        counts = torch.bincount(domains.long(), minlength=len(DOMAINS))
+        assert (counts > 0).all()
+    assert len(corpus.train_domains) == len(corpus.train) and len(corpus.val_domains) == len(corpus.val)
+
+
+def test_corpus_is_big_enough(corpus):
+    assert len(corpus.train) > 5_000_000 and len(corpus.val) > 500_000
+    assert corpus.train.max() < corpus.tokenizer.vocab_size
+
+
+def test_arithmetic_answers_are_correct():
+    for doc in build_documents(docs_per_domain=200):
+        if doc.domain != "arithmetic":
+            continue
+        question = doc.text.splitlines()[0]
+        answer = int(doc.text.rsplit("#### ", 1)[1])
+        if question.startswith("Question: What is "):
+            expr = question.removeprefix("Question: What is ").rstrip("?")
+            assert eval(expr) == answer, doc.text  # the expression is digits and one operator
+
+
+def test_code_snippets_compile():
+    for doc in build_documents(docs_per_domain=100):
+        if doc.domain == "code":
+            compile(doc.text, "<snippet>", "exec")
+
+
+@pytest.mark.parametrize("text", ["", "hello", "深度求索 DeepSeek-V3 🚀", "tab\tnew\nline", "<|endoftext|>"])
+def test_tokenizer_round_trips(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_special_tokens():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 260 and tok.eot_id == tok.special_id("<|endoftext|>") == 256
+    assert tok.decode([104, 105, tok.special_id("<|fim_middle|>"), 33]) == "hi<|fim_middle|>!"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([260])
+    with pytest.raises(ValueError, match="unknown special token"):
+        tok.special_id("<|bos|>")
+
+
+def test_batches_are_shifted_windows_and_seeded(corpus):
+    x, y = corpus.batch("train", 4, 32, torch.Generator().manual_seed(0))
+    x2, _ = corpus.batch("train", 4, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x, x2)
+
+
+def test_batch_rejects_bad_requests(corpus):
+    with pytest.raises(ValueError, match="split"):
+        corpus.batch("test", 1, 8)
+    with pytest.raises(ValueError, match="batch_size"):
+        corpus.batch("train", 0, 8)
+    small = Corpus([Document("text", "ab")] * 10)
+    with pytest.raises(ValueError, match=r"seq_len \(64\) must be <"):
+        small.batch("train", 1, 64)
+
+
+def test_any_local_text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: 你好, world." for i in range(30)), encoding="utf-8")
+    corpus = Corpus.from_text_file(path)
+    assert corpus.domains == ("text",)
+    assert corpus.tokenizer.decode(corpus.val[:28]).startswith("Paragraph 9: 你好, world.")
+    assert len(corpus.train) + len(corpus.val) == 30 + sum(
+        len(f"Paragraph {i}: 你好, world.".encode()) for i in range(30))
+
