@@ -4,9 +4,10 @@ The core package never imports this module (it pulls in matplotlib and IPython).
 """
 from __future__ import annotations
 
+import html
 import inspect
 import math
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -43,9 +44,30 @@ def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> None
     print(f"{label}: {'correct' if ok else 'not quite, try again'}")
 
 
+def explorer(describe: Callable[..., str], **sliders: Any):
+    """Sliders plus a read-out that shows `describe(**slider_values)` and updates as they move.
+
+    It writes nothing to the cell's output stream (unlike `ipywidgets.interact`, whose printing leaks into
+    stdout when a notebook runs headless), so executed notebooks stay deterministic.
+    """
+    import ipywidgets as widgets
+
+    readout = widgets.HTML()
+
+    def update(_change=None) -> None:
+        text = describe(**{name: s.value for name, s in sliders.items()})
+        readout.value = f"<pre>{html.escape(text)}</pre>"
+
+    for name, slider in sliders.items():
+        slider.description = slider.description or name
+        slider.observe(update, names="value")
+    update()
+    return widgets.VBox([*sliders.values(), readout])
+
+
 def sig(x: float, digits: int = 4) -> str:
     """`x` rounded to `digits` significant digits, for outputs that nbval compares."""
     return f"{x:.{digits}g}"
 
 
-__all__ = ["PALETTE", "use_book_style", "show_source", "check", "sig", "plt"]
+__all__ = ["PALETTE", "use_book_style", "show_source", "check", "explorer", "sig", "plt"]
