@@ -97,6 +97,7 @@ class MoE(nn.Module):
     scatters the weighted results back; no token is dropped. After a forward in training mode `aux_loss`
     holds seq_aux_alpha * sequence-wise loss + aux_loss_alpha * classic loss (a zero tensor when both are
     0), and `expert_counts` has accumulated the tokens each expert received since the last `update_bias`.
+    `last_indices` keeps the routing of the latest forward (training or not) for load statistics.
     """
 
     expert_counts: Tensor
@@ -112,7 +113,7 @@ class MoE(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(args.n_routed_experts, dtype=torch.long),
                              persistent=False)
         self.aux_loss: Tensor = torch.zeros(())
-        self.last_indices: Tensor | None = None  # (B*S, K) routing of the latest forward, for statistics
+        self.last_indices: Tensor | None = None  # (B*S, K)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -129,11 +130,11 @@ class MoE(nn.Module):
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
-        out = self._dispatch(tokens, routing.weights, routing.indices)
+        counts = torch.bincount(routing.indices.flatten(), minlength=self.args.n_routed_experts)
+        out = self._dispatch(tokens, routing.weights, routing.indices, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
 
-        counts = torch.bincount(routing.indices.flatten(), minlength=self.args.n_routed_experts)
         self.last_indices = routing.indices.detach()
         if self.training:
             self.expert_counts += counts
@@ -142,14 +143,12 @@ class MoE(nn.Module):
             self.aux_loss = x.new_zeros((), dtype=torch.float32)
         return out.view(batch, seq_len, dim)
 
-    def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Sort (token, slot) pairs by expert, run each expert on its slice, scatter-add the results."""
-        k = indices.shape[1]
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // k
-        sizes = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        chunks = tokens[token_of].split(sizes)
+    def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
+        """Sort the (token, expert) pairs by expert, run each expert once on its contiguous slice, and
+        scatter-add the weighted results back to their tokens. counts[e] = pairs routed to expert e."""
+        order = indices.flatten().argsort(stable=True)
+        token_of = order // indices.shape[1]
+        chunks = tokens[token_of].split(counts.tolist())
         routed = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
         return torch.zeros_like(tokens).index_add_(0, token_of, routed)
