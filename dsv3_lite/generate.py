@@ -1,0 +1,229 @@
+"""Decoding with the KV cache: greedy, sampled, and self-speculative with the MTP modules (report 2.2, 5.4.3).
+
+Plain decoding runs one main-model forward per new token. Speculative decoding lets the MTP modules draft
+the next D tokens cheaply (each depth is one block), then checks all of them with ONE main-model forward
+over [last token, draft_1 .. draft_D]:
+
+- greedy (temperature 0): keep the longest prefix of drafts equal to the main model's own argmax, then
+  append the main model's token at the first disagreement (or after the last draft). The output is exactly
+  what plain greedy decoding produces; only the number of main-model forwards changes.
+- sampling (temperature > 0): accept draft x with probability min(1, p(x) / q(x)) (p: main model, q: MTP
+  draft distribution); at the first rejection sample from the residual max(0, p - q), normalised; if all
+  are accepted, sample one more token from p. Every emitted token is then distributed exactly as under p
+  (Leviathan et al. 2023; Chen et al. 2023).
+
+A batch shares one position counter (the attention caches are indexed by position), so it advances by the
+shortest accepted prefix of its sequences; acceptance statistics count every sequence's own agreement.
+
+The caches stay consistent with the accepted tokens without copying anything: a cache entry at position i
+is only read by queries at positions >= i, and the next forward at a position overwrites whatever a
+rejected draft left there. MTP depth k at position i reads the token t_{i+k}, so its entries at the last
+k - 1 positions depend on drafts; those are recomputed at the next step (`_Drafter`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3_lite.model import Transformer
+
+
+@dataclass
+class GenerationStats:
+    """What one `generate` call did. Drafting counts are summed over the batch's sequences."""
+
+    batch_size: int
+    new_tokens: int                  # tokens generated per sequence
+    main_forwards: int = 0           # main-model forward passes, the prefill included
+    drafted: list[int] = field(default_factory=list)   # per depth k: drafts checked (depths < k all accepted)
+    accepted: list[int] = field(default_factory=list)  # per depth k: drafts accepted
+    draft_positions: list[int] = field(default_factory=list)  # per verify step: position of the first draft
+    accepted_per_step: list[torch.Tensor] = field(default_factory=list)  # per verify step: (B,) drafts accepted
+    drafts: list[torch.Tensor] = field(default_factory=list)  # per verify step: (B, depth) drafted tokens
+    seconds: float = 0.0             # wall-clock time of the whole call
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        """P(draft k accepted | drafts 1 .. k-1 accepted), per depth k."""
+        return [a / d if d else float("nan") for a, d in zip(self.accepted, self.drafted)]
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Acceptance of the first draft: the report's "acceptance rate of the second token prediction"."""
+        return self.acceptance_by_depth[0] if self.drafted else float("nan")
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per sequence per main-model forward (exactly 1 for plain decoding)."""
+        return self.new_tokens / self.main_forwards
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch_size * self.new_tokens / self.seconds
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled token ids for logits (..., V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = _probs(logits, temperature)
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+
+
+def verify_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+                  temperature: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide how many drafts each sequence keeps and which token follows them.
+
+    target_logits (B, D+1, V): the main model's logits at the last accepted token and at each draft;
+    drafts (B, D); draft_probs (B, D, V): the distributions the drafts were sampled from (unused when
+    greedy). Returns n_accepted (B,) in [0, D] and the next token (B,): the main model's correction at the
+    first rejected draft, or its own next token after D accepted drafts.
+    """
+    n_drafts = drafts.shape[1]
+    if n_drafts == 0:
+        return drafts.new_zeros(len(drafts)), _pick(target_logits[:, 0], temperature, generator)
+    if temperature == 0:
+        target = target_logits.argmax(dim=-1)
+        keep = drafts == target[:, :n_drafts]
+        n_accepted = keep.long().cumprod(dim=1).sum(dim=1)
+        return n_accepted, target.gather(1, n_accepted[:, None]).squeeze(1)
+    p = _probs(target_logits, temperature)
+    p_draft = p[:, :n_drafts].gather(-1, drafts[..., None]).squeeze(-1)
+    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(p_draft.shape, generator=generator, device=p.device)
+    keep = u * q_draft < p_draft  # accept with probability min(1, p / q)
+    n_accepted = keep.long().cumprod(dim=1).sum(dim=1)
+    # After a rejection at depth j: the residual max(0, p_j - q_j); after D acceptances: p_D itself.
+    residual = torch.cat([(p[:, :n_drafts] - draft_probs).clamp_min(0), p[:, n_drafts:]], dim=1)
+    rows = torch.arange(len(drafts), device=p.device)
+    dist = residual[rows, n_accepted]
+    empty = dist.sum(-1, keepdim=True) <= 0  # p == q: a rejection has probability 0; fall back to p
+    dist = torch.where(empty, p[rows, n_accepted], dist)
+    return n_accepted, torch.multinomial(dist, 1, generator=generator).squeeze(1)
+
+
+class _Drafter:
+    """Runs the MTP chain during decoding and keeps its caches consistent with the accepted tokens.
+
+    hidden[k] holds h^k for every position computed so far (h^0 from the main model). fresh[k] is the first
+    position whose depth-k entries must be recomputed: with n committed tokens, depth k at position i reads
+    t_{i+k}, which is committed only for i <= n-1-k.
+    """
+
+    def __init__(self, model: Transformer, batch_size: int, length: int, depth: int):
+        self.model, self.depth = model, depth
+        weight = model.embed.weight
+        self.hidden = [weight.new_zeros(batch_size, length, model.args.dim) for _ in range(depth)]
+        self.fresh = [0] * (depth + 1)
+
+    @torch.no_grad()
+    def draft(self, seq: torch.Tensor, n: int, depth: int, temperature: float,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft seq[:, n : n + depth] (written in place) from the n committed tokens; return the drafts and
+        their distributions. Every depth runs at positions fresh[k] .. n-2; its last one drafts a token."""
+        probs = []
+        for k in range(1, depth + 1):
+            lo = self.fresh[k]
+            h = self.model.mtp[k - 1](self.hidden[k - 1][:, lo:n - 1], seq[:, lo + k:n - 1 + k], start_pos=lo)
+            if k < self.depth:
+                self.hidden[k][:, lo:n - 1] = h
+            logits = self.model.head(h[:, -1])
+            seq[:, n + k - 1] = _pick(logits, temperature, generator)
+            if temperature > 0:
+                probs.append(_probs(logits, temperature))
+            self.fresh[k] = n - k
+        return seq[:, n:n + depth], torch.stack(probs, dim=1) if probs else None
+
+
+def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float,
+                speculative: bool, draft_depth: int | None) -> int:
+    model.check_tokens(tokens)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens!r}) must be an int >= 1")
+    total = tokens.shape[1] + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise ValueError(f"prompt length + max_new_tokens ({tokens.shape[1]} + {max_new_tokens}) must be <= "
+                         f"max_seq_len ({model.args.max_seq_len})")
+    if not temperature >= 0:
+        raise ValueError(f"temperature ({temperature}) must be >= 0")
+    if not speculative:
+        return 0
+    depth = len(model.mtp) if draft_depth is None else draft_depth
+    if not 1 <= depth <= len(model.mtp):
+        raise ValueError(f"draft_depth ({depth}) must be in [1, the model's MTP depth ({len(model.mtp)})]; "
+                         f"speculative decoding needs a model built with mtp_depth >= 1")
+    return depth
+
+
+@torch.no_grad()
+def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             speculative: bool = False, draft_depth: int | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, GenerationStats]:
+    """Continue each prompt in `tokens` (B, P) by `max_new_tokens` tokens with the KV cache.
+
+    temperature 0 is greedy; > 0 samples from softmax(logits / temperature) using `generator`.
+    speculative=True drafts `draft_depth` tokens (default: all MTP depths) per main-model forward.
+    Returns the sequences (B, P + max_new_tokens), prompts included, and a `GenerationStats`.
+    """
+    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative, draft_depth)
+    batch, prompt_len = tokens.shape
+    total = prompt_len + max_new_tokens
+    stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth, accepted=[0] * depth)
+    seq = torch.zeros(batch, total, dtype=tokens.dtype, device=tokens.device)
+    seq[:, :prompt_len] = tokens
+    was_training = model.training
+    model.eval()
+    model.allocate_cache(batch)
+    start = time.perf_counter()
+    try:
+        h = model.hidden_states(tokens, 0)  # prefill
+        stats.main_forwards += 1
+        seq[:, prompt_len] = _pick(model.head(h[:, -1]), temperature, generator)
+        n = prompt_len + 1
+        if depth == 0:
+            for n in range(n, total):
+                logits = model(seq[:, n - 1:n], n - 1)[:, -1]
+                stats.main_forwards += 1
+                seq[:, n] = _pick(logits, temperature, generator)
+        else:
+            drafter = _Drafter(model, batch, total, depth)
+            drafter.hidden[0][:, :prompt_len] = h
+            while n < total:
+                n = _speculative_step(model, drafter, seq, n, min(depth, total - n - 1), temperature,
+                                      generator, stats)
+    finally:
+        model.free_cache()
+        model.train(was_training)
+    stats.seconds = time.perf_counter() - start
+    return seq, stats
+
+
+def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, n: int, depth: int,
+                      temperature: float, generator: torch.Generator | None, stats: GenerationStats) -> int:
+    """Draft `depth` tokens, verify them in one main-model forward, commit; return the new token count."""
+    drafts, draft_probs = drafter.draft(seq, n, depth, temperature, generator)
+    h = model.hidden_states(seq[:, n - 1:n + depth], n - 1)  # [last committed token, drafts]
+    stats.main_forwards += 1
+    drafter.hidden[0][:, n - 1:n + depth] = h
+    n_accepted, next_token = verify_drafts(model.head(h), drafts, draft_probs, temperature, generator)
+    if depth:
+        stats.draft_positions.append(n)
+        stats.accepted_per_step.append(n_accepted.clone())
+        stats.drafts.append(drafts.clone())
+        for k in range(depth):
+            stats.drafted[k] += int((n_accepted >= k).sum())
+            stats.accepted[k] += int((n_accepted >= k + 1).sum())
+    # The batch keeps its shortest accepted prefix a. A sequence that accepted more keeps its accepted
+    # draft at index a (a correct sample too); the others take their correction / bonus token.
+    a = int(n_accepted.min())
+    seq[:, n + a] = torch.where(n_accepted == a, next_token, seq[:, n + a] if a < depth else next_token)
+    return n + a + 1
+
+
+__all__ = ["generate", "verify_drafts", "GenerationStats"]

@@ -1,0 +1,193 @@
+"""Decoding (dsv3_lite.generate): plain and speculative, greedy and sampled."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from dsv3_lite.config import ModelArgs
+from dsv3_lite.generate import generate, verify_drafts
+from dsv3_lite.model import Transformer
+
+V = 64
+
+
+def agreeable_model(seed: int = 0, noise: float = 0.5) -> Transformer:
+    """A random model whose MTP drafts agree with the main model part of the time: strong embeddings make
+    both lean on the current token, and each projection M_k passes the embedding half through plus noise."""
+    args = ModelArgs.tiny(vocab_size=V, mtp_depth=2, max_seq_len=64, original_seq_len=64, max_batch_size=4)
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(3.0)
+        for module in model.mtp:
+            mix = noise * torch.randn(args.dim, args.dim) / args.dim ** 0.5
+            module.eh_proj.weight.copy_(torch.cat([torch.eye(args.dim), mix], dim=1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return agreeable_model()
+
+
+def prompts(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------- greedy
+@pytest.mark.parametrize("batch,prompt_len", [(1, 1), (1, 9), (3, 1), (3, 9)])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_greedy_equals_plain_greedy(model, batch, prompt_len, depth):
+    tokens = prompts(batch, prompt_len, seed=batch + prompt_len)
+    plain, plain_stats = generate(model, tokens, 40)
+    fast, stats = generate(model, tokens, 40, speculative=True, draft_depth=depth)
+    assert torch.equal(fast, plain)
+    assert torch.equal(plain[:, :prompt_len], tokens)
+    assert plain_stats.tokens_per_forward == 1.0 and plain_stats.main_forwards == 40
+    assert 0.2 < stats.acceptance_rate < 0.98  # drafts are sometimes right, sometimes wrong
+    assert stats.main_forwards < 40 and stats.tokens_per_forward > 1.0
+
+
+def test_greedy_matches_the_full_forward_argmax(model):
+    tokens = prompts(2, 4)
+    out, _ = generate(model, tokens, 12)
+    with torch.no_grad():
+        again = model(out[:, :-1]).argmax(-1)[:, 3:]
+    assert torch.equal(out[:, 4:], again)
+
+
+def reference_drafts(model: Transformer, committed: torch.Tensor, depth: int) -> torch.Tensor:
+    """Greedy drafts recomputed from scratch, without any cache: depth k runs at positions 0 .. n-2."""
+    n = committed.shape[1]
+    seq = committed
+    with torch.no_grad():
+        h = model.hidden_states(committed[:, :-1])
+        for k in range(1, depth + 1):
+            h = model.mtp[k - 1](h, seq[:, k:n - 1 + k])
+            seq = torch.cat([seq, model.head(h[:, -1]).argmax(-1, keepdim=True)], dim=1)
+    return seq[:, n:]
+
+
+@pytest.mark.parametrize("batch,prompt_len", [(1, 1), (3, 6)])
+def test_mtp_caches_stay_consistent_with_the_accepted_tokens(model, batch, prompt_len):
+    """Every draft equals the one a cache-free MTP chain computes from the committed tokens, so no stale
+    entry of a rejected draft ever leaks into a later step."""
+    out, stats = generate(model, prompts(batch, prompt_len, seed=7), 40, speculative=True, draft_depth=2)
+    accepted = torch.cat(stats.accepted_per_step)
+    assert (accepted == 0).any() and (accepted == 1).any()  # rejections at depth 1 and at depth 2 occurred
+    for n, drafts in zip(stats.draft_positions, stats.drafts):
+        assert torch.equal(drafts, reference_drafts(model, out[:, :n], drafts.shape[1]))
+
+
+def test_statistics_are_consistent(model):
+    out, stats = generate(model, prompts(2, 3), 30, speculative=True)
+    steps = len(stats.accepted_per_step)  # verify steps that drafted (the last token may need no draft)
+    plain_steps = 30 - 1 - sum(int(a.min()) + 1 for a in stats.accepted_per_step)
+    assert stats.main_forwards == 1 + steps + plain_steps and plain_steps in (0, 1)
+    assert stats.tokens_per_forward == pytest.approx(30 / stats.main_forwards)
+    assert stats.drafted[0] == 2 * steps and len(stats.drafts) == len(stats.draft_positions) == steps
+    assert all(0 <= r <= 1 for r in stats.acceptance_by_depth)
+
+
+# ----------------------------------------------------------------------------------- rejection sampling
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Upper 0.1% point of chi-square (Wilson-Hilferty approximation; z = 3.09 is the normal's 0.999)."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic over cells with >= 5 expected counts (the rest pooled into one cell)."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    exp = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    keep = exp > 0
+    return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_verify_drafts_preserves_the_target_distribution():
+    """A synthetic two-draft chain with fixed tables: after accepting / correcting (and completing the
+    sequence from p where the step stopped), the three tokens follow p exactly, not q."""
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 200_000, 3
+    dist = lambda *shape: torch.softmax(2 * torch.randn(*shape, vocab, generator=g), dim=-1)  # noqa: E731
+    p0, p1, p2 = dist(), dist(vocab), dist(vocab, vocab)  # p(x1), p(x2 | x1), p(x3 | x1, x2)
+    q1, q2 = dist(), dist(vocab)                          # draft: q(x1), q(x2 | x1)
+    d1 = torch.multinomial(q1, n, replacement=True, generator=g)
+    d2 = torch.multinomial(q2[d1], 1, generator=g).squeeze(1)
+    target = torch.stack([p0.expand(n, -1), p1[d1], p2[d1, d2]], dim=1).log()
+    n_acc, nxt = verify_drafts(target, torch.stack([d1, d2], 1), torch.stack([q1.expand(n, -1), q2[d1]], 1),
+                               temperature=1.0, generator=g)
+    sample = lambda probs: torch.multinomial(probs, 1, generator=g).squeeze(1)  # noqa: E731
+    e1 = torch.where(n_acc >= 1, d1, nxt)
+    e2 = torch.where(n_acc >= 2, d2, torch.where(n_acc == 1, nxt, sample(p1[e1])))
+    e3 = torch.where(n_acc == 2, nxt, sample(p2[e1, e2]))
+    counts = torch.bincount(e1 * 9 + e2 * 3 + e3, minlength=27).float()
+    exact = (p0[:, None, None] * p1[:, :, None] * p2).flatten()
+    stat, dof = chi2(counts, exact)
+    assert stat < chi2_critical(dof)
+    assert (n_acc == 2).float().mean() > 0.01 and (n_acc == 0).float().mean() > 0.01  # all paths exercised
+    # the test has power: the drafts themselves follow q, far from p
+    draft_only = torch.bincount(d1 * 3 + d2, minlength=9).float()
+    stat_q, dof_q = chi2(draft_only, (p0[:, None] * p1).flatten())
+    assert stat_q > 10 * chi2_critical(dof_q)
+
+
+def test_sampled_speculative_decoding_preserves_the_main_models_distribution():
+    """End to end on a 4-token vocabulary: the joint law of 4 generated tokens equals the main model's."""
+    vocab, batch, new = 4, 4000, 4
+    args = ModelArgs.tiny(vocab_size=vocab, mtp_depth=2, max_seq_len=8, original_seq_len=8, max_batch_size=batch,
+                          init_std=0.3)
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    prompt = torch.zeros(batch, 1, dtype=torch.long)
+    out, stats = generate(model, prompt, new, temperature=1.0, speculative=True,
+                          generator=torch.Generator().manual_seed(0))
+    assert 0.05 < stats.acceptance_rate < 0.95
+    cells = torch.tensor(list(itertools.product(range(vocab), repeat=new)))
+    with torch.no_grad():
+        seqs = torch.cat([torch.zeros(len(cells), 1, dtype=torch.long), cells], dim=1)
+        logp = torch.log_softmax(model(seqs[:, :-1]).float(), dim=-1)
+        exact = logp.gather(-1, cells[..., None]).squeeze(-1).sum(-1).exp()
+    index = (out[:, 1:] * vocab ** torch.arange(new - 1, -1, -1)).sum(-1)
+    stat, dof = chi2(torch.bincount(index, minlength=len(cells)).float(), exact)
+    assert stat < chi2_critical(dof)
+
+
+def test_sampling_is_reproducible_with_a_generator(model):
+    tokens = prompts(2, 3)
+    runs = [generate(model, tokens, 20, temperature=0.8, speculative=True,
+                     generator=torch.Generator().manual_seed(5))[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    plain = generate(model, tokens, 20, temperature=0.8, generator=torch.Generator().manual_seed(5))[0]
+    assert plain.shape == runs[0].shape
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def test_bad_arguments_raise_clear_errors(model):
+    tokens = prompts(1, 4)
+    with pytest.raises(ValueError, match=r"max_seq_len \(64\)"):
+        generate(model, tokens, 61)
+    with pytest.raises(ValueError, match=r"max_new_tokens"):
+        generate(model, tokens, 0)
+    with pytest.raises(ValueError, match=r"temperature"):
+        generate(model, tokens, 4, temperature=-1.0)
+    with pytest.raises(ValueError, match=r"draft_depth \(3\)"):
+        generate(model, tokens, 4, speculative=True, draft_depth=3)
+    with pytest.raises(TypeError, match=r"int64 or int32"):
+        generate(model, tokens.float(), 4)
+    with pytest.raises(ValueError, match=r"vocab_size"):
+        generate(model, tokens + V, 4)
+    torch.manual_seed(0)
+    no_mtp = Transformer(model.args.replace(mtp_depth=0))
+    with pytest.raises(ValueError, match=r"mtp_depth >= 1"):
+        generate(no_mtp, tokens, 4, speculative=True)
+
+
+def test_generate_restores_the_model_state(model):
+    model.train()
+    generate(model, prompts(1, 2), 5, speculative=True)
+    assert model.training
+    assert not any(n.startswith("cache_") for n, _ in model.named_buffers())
+    model.eval()

@@ -1,0 +1,99 @@
+"""Whole-model parity with transformers' DeepseekV3ForCausalLM (dsv3_lite.hf.from_hf)."""
+import pytest
+import torch
+
+from dsv3_lite.generate import generate
+from dsv3_lite.hf import args_from_hf_config, from_hf, rope_rows_to_half_split, rope_rows_to_interleaved
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
+
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+            routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=64, num_mtp_layers=1)
+CASES = {
+    "q_lora-interleaved": dict(q_lora_rank=32, n_shared_experts=1, rope_interleave=True),
+    "no_q_lora-half_split-yarn": dict(
+        q_lora_rank=None, n_shared_experts=2, rope_interleave=False,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+    "8_groups_limit_3": dict(q_lora_rank=16, n_shared_experts=1, n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3,
+                             first_k_dense_replace=2),
+}
+
+
+def random_hf_model(seed: int = 0, **overrides) -> DeepseekV3ForCausalLM:
+    """A tiny transformers model whose every weight is random and O(1)-scaled, so logits are meaningful:
+    norm weights around 1, a non-zero correction bias, router weights large enough to separate experts."""
+    config = DeepseekV3Config(**{**BASE, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "gate.weight" in name:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_equal_transformers(case):
+    hf = random_hf_model(**CASES[case])
+    ours = from_hf(hf)
+    assert ours.args.n_shared_experts == hf.config.n_shared_experts
+    assert all(bool((m.gate.bias != 0).all()) for m in ours.moe_layers())
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(tokens, use_cache=False).logits
+        got = ours(tokens)
+    assert ref.abs().mean() > 0.1  # the comparison is not between two near-zero tensors
+    assert (got - ref).abs().max().item() < 1e-4
+    # and the cached, absorbed decode path agrees with transformers too
+    greedy, _ = generate(ours, tokens[:, :5], 10)
+    with torch.no_grad():
+        ref_next = hf(greedy[:, :-1], use_cache=False).logits.argmax(-1)[:, 4:]
+    torch.testing.assert_close(greedy[:, 5:], ref_next)
+
+
+def test_mtp_layers_equal_transformers():
+    modeling_layers = pytest.importorskip("transformers.modeling_layers")
+    hf = random_hf_model(seed=3, **CASES["q_lora-interleaved"])
+    torch.manual_seed(4)
+    hf_mtp = modeling_layers.MtpModel(hf, 1).eval()
+    with torch.no_grad():
+        for name, p in hf_mtp.named_parameters():
+            if name.startswith("layers."):
+                p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3 if "gate.weight" in name else 0.08)
+    ours = from_hf(hf, hf_mtp)
+    assert ours.args.mtp_depth == 1 and ours.mtp[0].embed is ours.embed
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h0 = hf.model(tokens, use_cache=False).last_hidden_state
+        ref = hf_mtp.forward_layer(0, h0[:, :-1], torch.arange(23)[None], None, input_ids=tokens[:, 1:])
+        got = ours.mtp[0](ours.hidden_states(tokens)[:, :-1], tokens[:, 1:])
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_rope_row_permutations_are_inverse():
+    rows = torch.randn(3, 8, 5)
+    torch.testing.assert_close(rope_rows_to_interleaved(rope_rows_to_half_split(rows, 8), 8), rows)
+    assert rope_rows_to_half_split(torch.arange(6.0)[:, None], 6).flatten().tolist() == [0, 2, 4, 1, 3, 5]
+
+
+def test_config_mapping_and_unsupported_configs():
+    args = args_from_hf_config(DeepseekV3Config(), max_batch_size=2)
+    assert (args.dim, args.n_layers, args.n_routed_experts, args.q_lora_rank, args.route_scale) == (7168, 61, 256, 1536, 2.5)
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        args_from_hf_config(DeepseekV3Config(**{**BASE, "norm_topk_prob": False}))
+    with pytest.raises(ValueError, match="mscale_all_dim"):
+        args_from_hf_config(DeepseekV3Config(**{**BASE, "rope_parameters": dict(
+            rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, mscale=1.0,
+            mscale_all_dim=0.5)}))
