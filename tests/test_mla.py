@@ -4,6 +4,7 @@ import torch
 
 from dsv3_lite.cache_size import gqa_cache_elems, mha_cache_elems, mla_cache_elems
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.hf import rope_rows_to_half_split
 from dsv3_lite.mla import GQA, MHA, MLA, MQA, causal_mask
 
 # A larger init than the tiny preset's so outputs are O(1) and tolerances mean something.
@@ -212,12 +213,6 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ------------------------------------------------------------------------------------- transformers parity
-def to_half_split(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """Reorder the rope rows of a projection from interleaved pairs (DeepSeek) to halves (transformers)."""
-    order = torch.cat([torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)])
-    return rows[..., order, :]
-
-
 def hf_attention(mla: MLA, rope_interleave: bool):
     """transformers' DeepseekV3Attention (and its rotary embedding) carrying `mla`'s weights."""
     hf = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
@@ -239,8 +234,8 @@ def hf_attention(mla: MLA, rope_interleave: bool):
     q_rows = (mla.wq if a.q_lora_rank == 0 else mla.wq_b).weight.detach().view(h, nope + r, -1)
     kv_a = mla.wkv_a.weight.detach()
     if not rope_interleave:  # transformers rotates halves: permute the rope rows, q.k is unchanged
-        q_rows = torch.cat([q_rows[:, :nope], to_half_split(q_rows[:, nope:], r)], dim=1)
-        kv_a = torch.cat([kv_a[:a.kv_lora_rank], to_half_split(kv_a[a.kv_lora_rank:], r)])
+        q_rows = torch.cat([q_rows[:, :nope], rope_rows_to_half_split(q_rows[:, nope:], r)], dim=1)
+        kv_a = torch.cat([kv_a[:a.kv_lora_rank], rope_rows_to_half_split(kv_a[a.kv_lora_rank:], r)])
     weights = {"kv_a_proj_with_mqa.weight": kv_a, "kv_a_layernorm.weight": mla.kv_norm.weight,
                "kv_b_proj.weight": mla.wkv_b.weight, "o_proj.weight": mla.wo.weight}
     if a.q_lora_rank == 0:
