@@ -47,7 +47,7 @@ class GenerationStats:
     @property
     def acceptance_by_depth(self) -> list[float]:
         """P(draft k accepted | drafts 1 .. k-1 accepted), per depth k."""
-        return [a / d if d else float("nan") for a, d in zip(self.accepted, self.drafted)]
+        return _ratios(self.accepted, self.drafted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -62,6 +62,10 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.batch_size * self.new_tokens / self.seconds
+
+
+def _ratios(accepted: list[int], drafted: list[int]) -> list[float]:
+    return [a / d if d else float("nan") for a, d in zip(accepted, drafted)]
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -226,4 +230,47 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, 
     return n + a + 1
 
 
-__all__ = ["generate", "verify_drafts", "GenerationStats"]
+@dataclass
+class SpeedComparison:
+    """Greedy decoding of the same prompts, plain and speculative (see `compare_decoding`)."""
+
+    acceptance_rate: float          # acceptance of the first draft, over all prompts
+    acceptance_by_depth: list[float]
+    tokens_per_forward: float       # new tokens per main-model forward, speculative
+    plain_tokens_per_second: float
+    speculative_tokens_per_second: float
+
+    @property
+    def speedup(self) -> float:
+        """Wall-clock tokens per second, speculative over plain."""
+        return self.speculative_tokens_per_second / self.plain_tokens_per_second
+
+
+def compare_decoding(model: Transformer, prompts: torch.Tensor, max_new_tokens: int,
+                     draft_depth: int | None = None, repeats: int = 3) -> SpeedComparison:
+    """Decode each prompt (one row of `prompts`) alone, greedily, plain and speculative; keep each prompt's
+    fastest of `repeats` runs of both (timings on a shared machine only ever err upwards). Also checks
+    that both produce the same tokens."""
+    if repeats < 1:
+        raise ValueError(f"repeats ({repeats}) must be >= 1")
+    plain_s = spec_s = 0.0
+    forwards, drafted, accepted = 0, None, None
+    for prompt in prompts:
+        prompt = prompt[None]
+        plain = [generate(model, prompt, max_new_tokens) for _ in range(repeats)]
+        spec = [generate(model, prompt, max_new_tokens, speculative=True, draft_depth=draft_depth)
+                for _ in range(repeats)]
+        if not torch.equal(plain[0][0], spec[0][0]):
+            raise RuntimeError("speculative greedy decoding diverged from plain greedy decoding")
+        plain_s += min(s.seconds for _, s in plain)
+        spec_s += min(s.seconds for _, s in spec)
+        stats = spec[0][1]
+        forwards += stats.main_forwards
+        drafted = stats.drafted if drafted is None else [a + b for a, b in zip(drafted, stats.drafted)]
+        accepted = stats.accepted if accepted is None else [a + b for a, b in zip(accepted, stats.accepted)]
+    by_depth = _ratios(accepted, drafted)
+    new = len(prompts) * max_new_tokens
+    return SpeedComparison(by_depth[0], by_depth, new / forwards, new / plain_s, new / spec_s)
+
+
+__all__ = ["generate", "verify_drafts", "GenerationStats", "compare_decoding", "SpeedComparison"]

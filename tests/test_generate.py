@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.generate import generate, verify_drafts
+from dsv3_lite.generate import compare_decoding, generate, verify_drafts
 from dsv3_lite.model import Transformer
 
 V = 64
@@ -191,3 +191,11 @@ def test_generate_restores_the_model_state(model):
     assert model.training
     assert not any(n.startswith("cache_") for n, _ in model.named_buffers())
     model.eval()
+
+
+def test_compare_decoding_reports_consistent_figures(model):
+    result = compare_decoding(model, prompts(2, 5), 20, repeats=1)
+    assert 0 < result.acceptance_rate < 1 and result.tokens_per_forward > 1
+    assert result.speedup == pytest.approx(result.speculative_tokens_per_second / result.plain_tokens_per_second)
+    with pytest.raises(ValueError, match="repeats"):
+        compare_decoding(model, prompts(1, 5), 5, repeats=0)
