@@ -44,15 +44,25 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU if it has none); batches are drawn on the CPU, so every device
+    sees the same windows, and then moved there."""
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: Corpus, split: str = "val", batch_size: int = 16, seq_len: int = 128,
              n_batches: int = 8, seed: int = 1234) -> float:
     """Mean next-token loss over `n_batches` fixed windows (the same windows for every model and call)."""
     generator = torch.Generator().manual_seed(seed)
+    device = _device_of(model)
     was_training = model.training
     model.eval()
-    losses = [lm_loss(model, *corpus.batch(split, batch_size, seq_len, generator)).item()
-              for _ in range(n_batches)]
+    losses = []
+    for _ in range(n_batches):
+        x, y = corpus.batch(split, batch_size, seq_len, generator)
+        losses.append(lm_loss(model, x.to(device), y.to(device)).item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -90,6 +100,7 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(seed)
+    device = _device_of(model)
     history = History()
     model.train()
     bar = tqdm(range(steps), disable=not progress, desc="training")
@@ -97,7 +108,7 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         x, y = corpus.batch("train", batch_size, seq_len, generator)
-        loss = loss_fn(model, x, y)
+        loss = loss_fn(model, x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:

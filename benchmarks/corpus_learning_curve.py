@@ -1,0 +1,88 @@
+"""Is the default corpus big enough? Train the tiny DeepSeek-V3 on it and print the validation loss curve.
+
+    python benchmarks/corpus_learning_curve.py                       # 4000 steps, batch 16 x 128 tokens
+    python benchmarks/corpus_learning_curve.py --steps 1000 --eval-every 100 --threads 2
+
+The corpus should keep a tiny model learning for a few thousand steps: the validation loss should still be
+falling at the end, not flatten out early (too little text to learn from) or turn up (memorizing the train
+split). The unigram entropy of the validation bytes is printed as the baseline a model with no context
+reaches. Each row also gives the loss per domain (English, Chinese, arithmetic, code) and the seconds since the start (for this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dsv3_lite.config import ModelArgs
+from dsv3_lite.data import Corpus
+from dsv3_lite.model import Transformer
+from dsv3_lite.train import evaluate, train_lm
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
+    """Entropy (nats per token) of the token frequencies: the loss of the best context-free predictor."""
+    p = torch.bincount(tokens, minlength=vocab_size).double()
+    p = p[p > 0] / p.sum()
+    return -(p * p.log()).sum().item()
+
+
+@torch.no_grad()
+def loss_by_domain(model: Transformer, corpus: Corpus, batch_size: int, seq_len: int, n_batches: int = 8,
+                   seed: int = 1234) -> list[float]:
+    """Mean validation loss of the tokens of each domain, over fixed windows (the domain of a token is that
+    of the document it belongs to)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(len(corpus.domains), dtype=torch.float64)
+    count = torch.zeros(len(corpus.domains), dtype=torch.float64)
+    model.eval()
+    for _ in range(n_batches):
+        starts = torch.randint(0, len(corpus.val) - seq_len, (batch_size,), generator=generator)
+        idx = starts[:, None] + torch.arange(seq_len + 1)
+        x, y, dom = corpus.val[idx[:, :-1]], corpus.val[idx[:, 1:]], corpus.val_domains[idx[:, 1:]].long()
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
+        total.index_add_(0, dom.flatten(), loss.double())
+        count.index_add_(0, dom.flatten(), torch.ones_like(loss, dtype=torch.float64))
+    model.train()
+    return (total / count.clamp(min=1)).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--text", help="train on this local UTF-8 text file instead of the default corpus")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    corpus = Corpus.from_text_file(opts.text) if opts.text else Corpus.default()
+    args = ModelArgs.tiny(mtp_depth=0)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    print(f"corpus: {corpus.train.numel():,} train / {corpus.val.numel():,} val tokens; "
+          f"model: {model.num_params():,} parameters ({args.num_activated_params():,} activated)")
+    print(f"unigram entropy of the validation split: {unigram_entropy(corpus.val, args.vocab_size):.3f} nats/token")
+
+    print(f"{'step':>6} {'val loss':>9} " + " ".join(f"{d:>10}" for d in corpus.domains) + f" {'seconds':>8}")
+    start = time.perf_counter()
+
+    def report(model: Transformer, step: int) -> None:
+        model.update_bias()  # auxiliary-loss-free balancing, as in training the real model
+        if (step + 1) % opts.eval_every and step + 1 != opts.steps:
+            return
+        val = evaluate(model, corpus, "val", opts.batch, opts.seq_len)
+        per_domain = loss_by_domain(model, corpus, opts.batch, opts.seq_len)
+        print(f"{step + 1:>6} {val:>9.3f} " + " ".join(f"{v:>10.3f}" for v in per_domain)
+              + f" {time.perf_counter() - start:>8.0f}", flush=True)
+
+    train_lm(model, corpus, opts.steps, opts.batch, opts.seq_len, lr=opts.lr, on_step=report, progress=False)
+
+
+if __name__ == "__main__":
+    main()
