@@ -89,6 +89,14 @@ def verify_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     greedy). Returns n_accepted (B,) in [0, D] and the next token (B,): the main model's correction at the
     first rejected draft, or its own next token after D accepted drafts.
     """
+    if target_logits.ndim != 3 or drafts.ndim != 2 or target_logits.shape[:2] != (len(drafts), drafts.shape[1] + 1):
+        raise ValueError(f"target_logits {tuple(target_logits.shape)} must be (B, D+1, V) for drafts (B, D) "
+                         f"{tuple(drafts.shape)}")
+    if temperature > 0 and drafts.shape[1] and (draft_probs is None or draft_probs.shape != (
+            *drafts.shape, target_logits.shape[-1])):
+        shape = None if draft_probs is None else tuple(draft_probs.shape)
+        raise ValueError(f"draft_probs ({shape}) must be (B, D, V) = {(*drafts.shape, target_logits.shape[-1])} "
+                         f"when temperature > 0")
     n_drafts = drafts.shape[1]
     if n_drafts == 0:
         return drafts.new_zeros(len(drafts)), _pick(target_logits[:, 0], temperature, generator)
@@ -146,8 +154,12 @@ class _Drafter:
 
 
 def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float,
-                speculative: bool, draft_depth: int | None) -> int:
+                speculative: bool, draft_depth: int | None, generator: torch.Generator | None) -> int:
     model.check_tokens(tokens)
+    device = model.embed.weight.device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}: "
+                         f"create it with torch.Generator(device={str(device)!r})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens!r}) must be an int >= 1")
     total = tokens.shape[1] + max_new_tokens
@@ -157,9 +169,11 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, t
     if not temperature >= 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0")
     if not speculative:
+        if draft_depth is not None:
+            raise ValueError(f"draft_depth ({draft_depth}) is only used with speculative=True")
         return 0
     depth = len(model.mtp) if draft_depth is None else draft_depth
-    if not 1 <= depth <= len(model.mtp):
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(model.mtp):
         raise ValueError(f"draft_depth ({depth}) must be in [1, the model's MTP depth ({len(model.mtp)})]; "
                          f"speculative decoding needs a model built with mtp_depth >= 1")
     return depth
@@ -175,7 +189,7 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
     speculative=True drafts `draft_depth` tokens (default: all MTP depths) per main-model forward.
     Returns the sequences (B, P + max_new_tokens), prompts included, and a `GenerationStats`.
     """
-    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative, draft_depth)
+    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative, draft_depth, generator)
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth, accepted=[0] * depth)

@@ -84,6 +84,11 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
         init_std=config.initializer_range, mtp_depth=0,
     )
     fields.update(overrides)
+    if rope_type == "yarn" and fields["max_seq_len"] <= fields["original_seq_len"]:
+        # dsv3_lite (like DeepSeek's code) applies YaRN only when max_seq_len > original_seq_len;
+        # transformers always applies it, so a shorter max_seq_len would silently change the logits.
+        raise ValueError(f"max_seq_len ({fields['max_seq_len']}) must be > original_seq_len "
+                         f"({fields['original_seq_len']}) for a YaRN checkpoint, or its rope would differ")
     return ModelArgs(**fields)
 
 

@@ -54,20 +54,24 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(args, self.embed, self.head) for _ in range(args.mtp_depth))
 
     # ---------------------------------------------------------------------------------------- forward
-    def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
-        """Raise a clear TypeError / ValueError for tokens the model cannot process."""
+    def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0, name: str = "tokens") -> None:
+        """Raise a clear TypeError / ValueError for token ids (`name`: tokens or targets) the model cannot use."""
         if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
         if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be an int64 or int32 tensor of token ids, got {tokens.dtype}")
-        if tokens.ndim != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens must have shape (batch, seq_len) with seq_len >= 1, got {tuple(tokens.shape)}")
+            raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got {tokens.dtype}")
+        if tokens.device != self.embed.weight.device:
+            raise ValueError(f"{name} are on {tokens.device} but the model is on {self.embed.weight.device}")
+        if tokens.ndim != 2 or 0 in tokens.shape:
+            raise ValueError(f"{name} must have shape (batch, seq_len) with batch >= 1 and seq_len >= 1, "
+                             f"got {tuple(tokens.shape)}")
         if start_pos < 0 or start_pos + tokens.shape[1] > self.args.max_seq_len:
             raise ValueError(f"positions start_pos .. start_pos + seq_len ({start_pos} .. {start_pos + tokens.shape[1]})"
                              f" must lie in [0, max_seq_len ({self.args.max_seq_len})]")
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.args.vocab_size:
-            raise ValueError(f"token ids must be in [0, vocab_size ({self.args.vocab_size})), got ids in [{low}, {high}]")
+            raise ValueError(f"{name}: token ids must be in [0, vocab_size ({self.args.vocab_size})), "
+                             f"got ids in [{low}, {high}]")
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """h^0 (B, S, dim): the final RMSNorm's output, which the head reads and MTP depth 1 starts from."""
@@ -87,26 +91,31 @@ class Transformer(nn.Module):
 
         tokens t_0 .. t_{T-1} and targets t_1 .. t_T, both (B, T), as `Corpus.batch` returns them.
         """
+        self.check_tokens(targets, name="targets")
         if targets.shape != tokens.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+        targets = targets.long()
         if mtp_lambda < 0:
             raise ValueError(f"mtp_lambda ({mtp_lambda}) must be >= 0")
         h = self.hidden_states(tokens)
         main = F.cross_entropy(self.head(h).flatten(0, 1).float(), targets.flatten())
         zero = main.new_zeros(())
         l_mtp, depths = zero, []
-        if mtp_lambda > 0 and len(self.mtp) > 0:
+        run_mtp = mtp_lambda > 0 and len(self.mtp) > 0
+        if run_mtp:
             logits = mtp_chain(self.mtp, h, tokens)
             l_mtp = mtp_loss(logits, targets, mtp_lambda)
             with torch.no_grad():
                 depths = [F.cross_entropy(lg.flatten(0, 1).float(), targets[:, k:].flatten())
                           for k, lg in enumerate(logits, start=1)]
-        balance = sum((m.aux_loss for m in self.moe_layers() if self.training), zero)
+        # Only the layers that ran in this call: a skipped MTP module still holds its previous step's loss.
+        balance = sum((m.aux_loss for m in self.moe_layers(mtp=run_mtp) if self.training), zero)
         return LossParts(main + l_mtp + balance, main, l_mtp, depths, balance)
 
-    def moe_layers(self) -> list[MoE]:
-        """Every DeepSeekMoE layer, those of the MTP modules included."""
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def moe_layers(self, mtp: bool = True) -> list[MoE]:
+        """The DeepSeekMoE layers of the main blocks, and those of the MTP modules if `mtp`."""
+        parts = [self.layers, self.mtp] if mtp else [self.layers]
+        return [m for part in parts for m in part.modules() if isinstance(m, MoE)]
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -160,11 +160,23 @@ def test_sampling_is_reproducible_with_a_generator(model):
     runs = [generate(model, tokens, 20, temperature=0.8, speculative=True,
                      generator=torch.Generator().manual_seed(5))[0] for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-    plain = generate(model, tokens, 20, temperature=0.8, generator=torch.Generator().manual_seed(5))[0]
-    assert plain.shape == runs[0].shape
+    plain = [generate(model, tokens, 20, temperature=0.8, generator=torch.Generator().manual_seed(5))[0]
+             for _ in range(2)]
+    assert torch.equal(plain[0], plain[1])
+    assert not torch.equal(plain[0], generate(model, tokens, 20)[0])  # sampling, not greedy
 
 
 # ----------------------------------------------------------------------------------------------- checks
+def test_verify_drafts_rejects_mismatched_shapes():
+    logits, drafts = torch.randn(2, 3, 5), torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"target_logits \(2, 3, 5\) must be \(B, D\+1, V\)"):
+        verify_drafts(logits, drafts[:, :1], None, 0.0)
+    with pytest.raises(ValueError, match=r"draft_probs \(None\) must be \(B, D, V\) = \(2, 2, 5\)"):
+        verify_drafts(logits, drafts, None, 1.0)
+    n_accepted, _ = verify_drafts(logits, drafts, None, 0.0)  # greedy needs no draft distribution
+    assert n_accepted.shape == (2,)
+
+
 def test_bad_arguments_raise_clear_errors(model):
     tokens = prompts(1, 4)
     with pytest.raises(ValueError, match=r"max_seq_len \(64\)"):
@@ -179,6 +191,12 @@ def test_bad_arguments_raise_clear_errors(model):
         generate(model, tokens.float(), 4)
     with pytest.raises(ValueError, match=r"vocab_size"):
         generate(model, tokens + V, 4)
+    with pytest.raises(ValueError, match=r"draft_depth \(1\) is only used with speculative=True"):
+        generate(model, tokens, 4, draft_depth=1)
+    with pytest.raises(ValueError, match=r"draft_depth \(1.5\)"):
+        generate(model, tokens, 4, speculative=True, draft_depth=1.5)
+    with pytest.raises(ValueError, match=r"tokens are on meta but the model is on cpu"):
+        generate(model, tokens.to("meta"), 4)
     torch.manual_seed(0)
     no_mtp = Transformer(model.args.replace(mtp_depth=0))
     with pytest.raises(ValueError, match=r"mtp_depth >= 1"):
@@ -194,8 +212,13 @@ def test_generate_restores_the_model_state(model):
 
 
 def test_compare_decoding_reports_consistent_figures(model):
-    result = compare_decoding(model, prompts(2, 5), 20, repeats=1)
+    batch = prompts(2, 5)
+    result = compare_decoding(model, batch, 20, repeats=1)
+    # the same figures, counted here from one speculative run per prompt
+    runs = [generate(model, p[None], 20, speculative=True)[1] for p in batch]
+    assert result.tokens_per_forward == pytest.approx(2 * 20 / sum(r.main_forwards for r in runs))
+    assert result.acceptance_rate == pytest.approx(sum(r.accepted[0] for r in runs) / sum(r.drafted[0] for r in runs))
     assert 0 < result.acceptance_rate < 1 and result.tokens_per_forward > 1
-    assert result.speedup == pytest.approx(result.speculative_tokens_per_second / result.plain_tokens_per_second)
+    assert result.speedup > 0
     with pytest.raises(ValueError, match="repeats"):
         compare_decoding(model, prompts(1, 5), 5, repeats=0)

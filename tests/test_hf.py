@@ -97,3 +97,7 @@ def test_config_mapping_and_unsupported_configs():
         args_from_hf_config(DeepseekV3Config(**{**BASE, "rope_parameters": dict(
             rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, mscale=1.0,
             mscale_all_dim=0.5)}))
+    yarn = DeepseekV3Config(**{**BASE, **CASES["no_q_lora-half_split-yarn"]})
+    assert args_from_hf_config(yarn, max_seq_len=32).max_seq_len == 32
+    with pytest.raises(ValueError, match=r"max_seq_len \(16\) must be > original_seq_len \(16\)"):
+        args_from_hf_config(yarn, max_seq_len=16)  # would switch YaRN off and change the logits

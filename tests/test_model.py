@@ -84,8 +84,18 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.tensor([[1, 80]]))
     with pytest.raises(ValueError, match=r"\[-1, 3\]"):
         model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=r"batch >= 1"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"mtp_lambda"):
-        model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), mtp_lambda=-1)
+        model.loss(x, x, mtp_lambda=-1)
+    with pytest.raises(ValueError, match=r"targets: token ids must be in \[0, vocab_size \(80\)\)"):
+        model.loss(x, torch.tensor([[1, 2, 3, 80]]))
+    with pytest.raises(TypeError, match=r"targets must be an int64 or int32"):
+        model.loss(x, x.float())
+    with pytest.raises(ValueError, match=r"targets \(1, 3\) must have the shape of tokens \(1, 4\)"):
+        model.loss(x, x[:, :3])
+    torch.testing.assert_close(model.loss(x, x.int()).total, model.loss(x, x).total)
 
 
 def test_int32_tokens_work():
@@ -104,8 +114,14 @@ def test_loss_parts_add_up_and_bias_update_reaches_every_moe():
     assert len(parts.mtp_depths) == 2 and parts.balance > 0 and parts.mtp > 0
     model.update_bias()
     assert all(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())  # MTP modules' MoE included
+    parts.total.backward()
     no_mtp = model.loss(x, y, mtp_lambda=0.0)
     assert no_mtp.mtp == 0 and no_mtp.mtp_depths == []
+    # the skipped MTP modules' balance losses (from the step before) must not leak into this one
+    main_moe = model.moe_layers(mtp=False)
+    assert len(main_moe) < len(model.moe_layers())
+    torch.testing.assert_close(no_mtp.balance, sum(m.aux_loss for m in main_moe))
+    no_mtp.total.backward()  # a stale graph from the previous step would fail here
 
 
 @pytest.fixture
