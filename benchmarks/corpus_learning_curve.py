@@ -36,6 +36,7 @@ def loss_by_domain(model: Transformer, corpus: Corpus, batch_size: int, seq_len:
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(corpus.domains), dtype=torch.float64)
     count = torch.zeros(len(corpus.domains), dtype=torch.float64)
+    was_training = model.training
     model.eval()
     for _ in range(n_batches):
         starts = torch.randint(0, len(corpus.val) - seq_len, (batch_size,), generator=generator)
@@ -44,7 +45,7 @@ def loss_by_domain(model: Transformer, corpus: Corpus, batch_size: int, seq_len:
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
         total.index_add_(0, dom.flatten(), loss.double())
         count.index_add_(0, dom.flatten(), torch.ones_like(loss, dtype=torch.float64))
-    model.train()
+    model.train(was_training)
     return (total / count.clamp(min=1)).tolist()
 
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--text", help="train on this local UTF-8 text file instead of the default corpus")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     opts = parser.parse_args()
+    if opts.steps < 1 or opts.eval_every < 1:
+        parser.error(f"--steps ({opts.steps}) and --eval-every ({opts.eval_every}) must be >= 1")
     if opts.threads:
         torch.set_num_threads(opts.threads)
 

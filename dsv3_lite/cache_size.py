@@ -5,15 +5,15 @@ DeepSeek-V2).
 """
 
 
-def mha_cache_elems(n_heads: int, head_dim: int) -> int:
-    """Multi-head attention caches a key and a value per head: 2 * n_h * d_h."""
-    return 2 * n_heads * head_dim
-
-
 def gqa_cache_elems(n_kv_heads: int, head_dim: int) -> int:
     """Grouped-query attention caches keys and values for its n_g key-value groups: 2 * n_g * d_h
     (MQA is the case n_g = 1)."""
     return 2 * n_kv_heads * head_dim
+
+
+def mha_cache_elems(n_heads: int, head_dim: int) -> int:
+    """Multi-head attention caches a key and a value per head: 2 * n_h * d_h (GQA with n_g = n_h)."""
+    return gqa_cache_elems(n_heads, head_dim)
 
 
 def mla_cache_elems(kv_lora_rank: int, qk_rope_head_dim: int) -> int:

@@ -153,12 +153,19 @@ class ModelArgs:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} ({value}) must be >= 0")
-        for name in ["route_scale", "rope_theta", "rms_norm_eps", "init_std"]:
+        for name in ["route_scale", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "rope_theta",
+                     "rope_factor", "beta_fast", "beta_slow", "mscale", "rms_norm_eps", "init_std"]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        for name in ["route_scale", "rms_norm_eps", "init_std", "beta_slow"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
-        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha"]:
+        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mscale"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if not self.rope_theta > 1:
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be > 1 (the frequencies are rope_theta^(-2i/d))")
         if self.rope_factor < 1:
             raise ValueError(f"rope_factor ({self.rope_factor}) must be >= 1 (1 means no YaRN extension)")
         if self.beta_fast <= self.beta_slow:

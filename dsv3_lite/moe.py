@@ -61,7 +61,18 @@ class Gate(nn.Module):
         self.score_func = args.score_func
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        # The bias moves in steps of gamma (0.001), below bf16's resolution near 0.5 (0.002 to 0.004):
+        # Module.to(dtype) casts everything else, while the bias stays FP32 and only follows the device.
+        bias = self._parameters.pop("bias")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            bias.data = bias.data.to(self.weight.device)
+            self._parameters["bias"] = bias
+        return self
 
     def forward(self, x: Tensor) -> Routing:
         """Route x of shape (T, dim). Gating runs in FP32, as in the report's mixed-precision recipe."""
@@ -81,10 +92,14 @@ class Gate(nn.Module):
         return Routing(weights * self.route_scale, indices, scores)
 
     def _mask_groups(self, biased: Tensor) -> Tensor:
-        """Node-limited routing: score each group by the sum of its top-2 biased affinities, keep the
-        best n_limited_groups groups and set every expert outside them to -inf."""
+        """Node-limited routing: score each group by the sum of its top-2 biased affinities (V3; with
+        softmax affinities, V2's device-limited routing: by its best one), keep the best n_limited_groups
+        groups and set every expert outside them to -inf."""
         grouped = biased.view(biased.shape[0], self.n_groups, -1)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        if self.score_func == "softmax":
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         keep = group_scores.topk(self.topk_groups, dim=-1).indices
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
@@ -130,7 +145,7 @@ class MoE(nn.Module):
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
-        counts = torch.bincount(routing.indices.flatten(), minlength=self.args.n_routed_experts)
+        counts = expert_load(routing.indices, self.args.n_routed_experts)
         out = self._dispatch(tokens, routing.weights, routing.indices, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
@@ -185,6 +200,9 @@ def balance_loss(scores: Tensor, indices: Tensor, n_sequences: int = 1) -> Tenso
     (T_total, K_r)."""
     n_tokens, n_experts = scores.shape
     k = indices.shape[-1]
+    if indices.shape[0] != n_tokens or n_sequences < 1 or n_tokens % n_sequences:
+        raise ValueError(f"scores {tuple(scores.shape)} and indices {tuple(indices.shape)} must cover the same "
+                         f"tokens, split into n_sequences ({n_sequences}) equal sequences")
     seq_len = n_tokens // n_sequences
     counts = scores.new_zeros(n_sequences, n_experts).scatter_add_(
         1, indices.reshape(n_sequences, -1), scores.new_ones(n_sequences, seq_len * k))

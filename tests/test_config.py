@@ -2,8 +2,10 @@
 import math
 
 import pytest
+import torch
 
 from dsv3_lite import ModelArgs
+from dsv3_lite.model import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +25,14 @@ def test_v3_activated_parameters(v3):
 
 
 def test_v3_mtp_module_is_about_11_5b_unique(v3):
-    # Report: the MTP module adds about 11.5B unique parameters (embedding and head are shared).
-    assert math.isclose(v3.mtp_module_params(), 11.5e9, rel_tol=0.02)
+    # Report: the MTP module adds about 11.5B unique parameters (embedding and head are shared); the exact
+    # count of its modules (projection 2d -> d, one MoE block, two input RMSNorms) is 11.61B.
+    assert v3.mtp_module_params() == 11_610_068_224
+    assert math.isclose(v3.mtp_module_params(), 11.5e9, rel_tol=0.01)
+    # ... and it is what the real modules hold (a 4-layer V3 on the meta device: nothing is allocated)
+    with torch.device("meta"):
+        model = Transformer(v3.replace(n_layers=4))
+    assert model.num_params(mtp=True) - model.num_params() == v3.mtp_module_params()
 
 
 def test_v3_mla_cache_is_70272_bytes_per_token(v3):
@@ -82,6 +90,9 @@ def test_tiny_preset_is_small_and_valid():
     ("bias_update_speed", -0.1, r"bias_update_speed \(-0.1\) must be >= 0"),
     ("rope_factor", 0.5, r"rope_factor \(0.5\) must be >= 1"),
     ("beta_fast", 1, r"beta_fast \(1\) must be > beta_slow \(1\)"),
+    ("beta_slow", 0, r"beta_slow \(0\) must be > 0"),
+    ("rope_theta", 1.0, r"rope_theta \(1.0\) must be > 1"),
+    ("mscale", -1.0, r"mscale \(-1.0\) must be >= 0"),
 ])
 def test_impossible_configurations_name_the_field_and_rule(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -99,6 +110,8 @@ def test_wrong_types_are_type_errors():
         ModelArgs.tiny(dim=64.0)
     with pytest.raises(TypeError, match="n_layers must be an int"):
         ModelArgs.tiny(n_layers=True)
+    with pytest.raises(TypeError, match="route_scale must be a number, got str"):
+        ModelArgs.tiny(route_scale="2.5")
 
 
 def test_replace_revalidates():

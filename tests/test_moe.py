@@ -33,7 +33,8 @@ def brute_force_route(gate: Gate, x: torch.Tensor) -> tuple[list[list[int]], lis
     all_indices, all_weights = [], []
     for s in scores.tolist():
         biased = [si + bi for si, bi in zip(s, gate.bias.tolist())]
-        group_score = [sum(sorted(biased[g * size:(g + 1) * size], reverse=True)[:2])
+        best = 1 if gate.score_func == "softmax" else 2  # V2 ranks groups by their best expert, V3 by the top 2
+        group_score = [sum(sorted(biased[g * size:(g + 1) * size], reverse=True)[:best])
                        for g in range(gate.n_groups)]
         groups = sorted(range(gate.n_groups), key=lambda g: -group_score[g])[:gate.topk_groups]
         eligible = [e for e in range(gate.n_experts) if e // size in groups]
@@ -192,6 +193,17 @@ def test_update_bias_moves_towards_balance_and_resets():
     torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
 
 
+def test_bias_stays_fp32_when_the_model_is_cast_to_bf16():
+    moe = MoE(small_args(bias_update_speed=0.001)).to(torch.bfloat16)
+    assert moe.gate.weight.dtype == torch.bfloat16 and moe.gate.bias.dtype == torch.float32
+    assert [name for name, _ in moe.gate.named_parameters()] == ["weight", "bias"]
+    moe.gate.bias.data.fill_(0.5)  # bf16 steps are 0.002-0.004 here: a 0.001 update would be lost
+    moe.expert_counts[0] = 5
+    moe.update_bias()
+    assert moe.gate.bias[0].item() == pytest.approx(0.499) and moe.gate.bias[1].item() == pytest.approx(0.501)
+    moe(torch.randn(2, 3, 16, dtype=torch.bfloat16))  # still runs
+
+
 def test_counts_accumulate_only_in_training():
     moe = random_moe(small_args())
     x = torch.randn(2, 8, moe.args.dim)
@@ -239,6 +251,10 @@ def test_balance_loss_formula():
     # Perfectly uniform routing and affinities give exactly 1.
     uniform = torch.ones(4, 4)
     torch.testing.assert_close(balance_loss(uniform, torch.tensor([[0], [1], [2], [3]])), torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"n_sequences \(3\) equal sequences"):
+        balance_loss(scores, indices, n_sequences=3)
+    with pytest.raises(ValueError, match=r"must cover the same tokens"):
+        balance_loss(scores, indices[:3])
 
 
 def test_aux_loss_combines_the_two_alphas():
