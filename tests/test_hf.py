@@ -55,7 +55,9 @@ def test_logits_equal_transformers(case):
         ref = hf(tokens, use_cache=False).logits
         got = ours(tokens)
     assert ref.abs().mean() > 0.1  # the comparison is not between two near-zero tensors
-    assert (got - ref).abs().max().item() < 1e-4
+    error = (got - ref).abs().max().item()
+    print(f"max |logits - transformers' logits| = {error:.2e}")  # shown by `pytest -rP`
+    assert error < 1e-4
     # and the cached, absorbed decode path agrees with transformers too
     greedy, _ = generate(ours, tokens[:, :5], 10)
     with torch.no_grad():
@@ -79,7 +81,9 @@ def test_mtp_layers_equal_transformers():
         h0 = hf.model(tokens, use_cache=False).last_hidden_state
         ref = hf_mtp.forward_layer(0, h0[:, :-1], torch.arange(23)[None], None, input_ids=tokens[:, 1:])
         got = ours.mtp[0](ours.hidden_states(tokens)[:, :-1], tokens[:, 1:])
-    assert (got - ref).abs().max().item() < 1e-4
+    error = (got - ref).abs().max().item()
+    print(f"max |MTP module output - transformers' MtpModel layer| = {error:.2e}")  # shown by `pytest -rP`
+    assert error < 1e-4
 
 
 def test_rope_row_permutations_are_inverse():

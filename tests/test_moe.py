@@ -325,4 +325,6 @@ def test_parity_with_transformers_deepseek_v3_moe():
         ours = moe.gate(x.view(-1, args.dim))
         assert torch.equal(peer_indices.sort(-1).values, ours.indices.sort(-1).values)
         assert groups_touched(ours.indices, 16, 4).max() <= 2
-        torch.testing.assert_close(moe(x), peer(x), atol=1e-5, rtol=1e-5)
+        ours_out, peer_out = moe(x), peer(x)
+    print(f"max |MoE - DeepseekV3MoE| = {(ours_out - peer_out).abs().max().item():.2e}")  # shown by `pytest -rP`
+    torch.testing.assert_close(ours_out, peer_out, atol=1e-5, rtol=1e-5)
