@@ -144,14 +144,23 @@ class CachedAttention(nn.Module):
         k_start = 0 if self.has_cache else start_pos
         return causal_mask(start_pos, seqlen, k_start, start_pos + seqlen - k_start, device)
 
+    def register_rope(self, rope_args: ModelArgs) -> None:
+        """Register the complex rope table for `rope_args` (kept, to rebuild the table off the meta device)."""
+        self.rope_args = rope_args
+        self.register_buffer("freqs_cis", precompute_freqs_cis(rope_args), persistent=False)
+
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) would cast the complex rope table to a real dtype and drop its imaginary part:
-        # the table keeps complex64 and only follows the parameters' device.
+        # the table keeps complex64 and only follows the parameters' device. Leaving the meta device
+        # (to_empty), it is computed afresh: it is a function of the config, not a weight.
         freqs = self._buffers.pop("freqs_cis")
         try:
             super()._apply(fn, recurse)
         finally:
-            self._buffers["freqs_cis"] = freqs.to(next(self.parameters()).device)
+            device = next(self.parameters()).device
+            if freqs.is_meta and device.type != "meta":
+                freqs = precompute_freqs_cis(self.rope_args)
+            self._buffers["freqs_cis"] = freqs.to(device)
         return self
 
     def _init_linear_weights(self) -> None:
@@ -179,7 +188,7 @@ class MLA(CachedAttention):
         self.wkv_b = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.wo = nn.Linear(h * args.v_head_dim, dim, bias=False)
         self.softmax_scale = args.softmax_scale()
-        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)
+        self.register_rope(args)
         self._init_linear_weights()
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:
@@ -247,8 +256,7 @@ class GQA(CachedAttention):
         self.wv = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * head_dim, args.dim, bias=False)
         self.softmax_scale = args.softmax_scale() * (args.qk_head_dim / head_dim) ** 0.5
-        self.register_buffer("freqs_cis", precompute_freqs_cis(args.replace(qk_rope_head_dim=head_dim)),
-                             persistent=False)
+        self.register_rope(args.replace(qk_rope_head_dim=head_dim))
         self._init_linear_weights()
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:

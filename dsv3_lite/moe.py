@@ -65,12 +65,17 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The bias moves in steps of gamma (0.001), below bf16's resolution near 0.5 (0.002 to 0.004):
-        # Module.to(dtype) casts everything else, while the bias stays FP32 and only follows the device.
+        # Module.to(dtype) casts everything else, while the bias stays FP32 and only follows the device
+        # (leaving the meta device, to_empty, it starts at zero as in a new model).
         bias = self._parameters.pop("bias")
         try:
             super()._apply(fn, recurse)
         finally:
-            bias.data = bias.data.to(self.weight.device)
+            device = self.weight.device
+            if bias.is_meta and device.type != "meta":
+                bias = nn.Parameter(torch.zeros_like(bias, device=device), requires_grad=False)
+            else:
+                bias.data = bias.data.to(device)
             self._parameters["bias"] = bias
         return self
 

@@ -42,6 +42,19 @@ def test_parameter_counts_equal_model_args(overrides):
     assert model.num_params(mtp=True) == args.num_params() + args.mtp_depth * args.mtp_module_params()
 
 
+def test_a_model_built_on_meta_materializes_and_loads_weights():
+    """The way to load big checkpoints: build without allocating, to_empty, then load the weights."""
+    reference = build()
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())  # the rope tables are rebuilt, not loaded
+    assert model.mtp[0].embed is model.embed and model.layers[-1].ffn.gate.bias.dtype == torch.float32
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens), reference(tokens), rtol=0, atol=0)
+
+
 def test_logits_shape_and_mtp_modules_do_not_touch_the_main_model():
     with_mtp = build(ARGS.replace(mtp_depth=2))
     without = build(ARGS.replace(mtp_depth=0))
