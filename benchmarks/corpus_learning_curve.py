@@ -6,7 +6,8 @@
 The corpus should keep a tiny model learning for a few thousand steps: the validation loss should still be
 falling at the end, not flatten out early (too little text to learn from) or turn up (memorizing the train
 split). The unigram entropy of the validation bytes is printed as the baseline a model with no context
-reaches. Each row also gives the loss per domain (English, Chinese, arithmetic, code) and the seconds since the start (for this machine).
+reaches. Each row also gives the loss per domain (English, Chinese, arithmetic, code) and the seconds
+since the start (for this machine).
 """
 from __future__ import annotations
 
@@ -14,39 +15,31 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import Transformer
-from dsv3_lite.train import evaluate, train_lm
-
-
-def unigram_entropy(tokens: torch.Tensor, vocab_size: int) -> float:
-    """Entropy (nats per token) of the token frequencies: the loss of the best context-free predictor."""
-    p = torch.bincount(tokens, minlength=vocab_size).double()
-    p = p[p > 0] / p.sum()
-    return -(p * p.log()).sum().item()
+from dsv3_lite.train import train_lm
 
 
 @torch.no_grad()
-def loss_by_domain(model: Transformer, corpus: Corpus, batch_size: int, seq_len: int, n_batches: int = 8,
-                   seed: int = 1234) -> list[float]:
-    """Mean validation loss of the tokens of each domain, over fixed windows (the domain of a token is that
-    of the document it belongs to)."""
+def validation_loss(model: Transformer, corpus: Corpus, batch_size: int, seq_len: int, n_batches: int = 8,
+                    seed: int = 1234) -> tuple[float, list[float]]:
+    """Mean validation loss over fixed windows (those `dsv3_lite.train.evaluate` uses), overall and over the
+    tokens of each domain."""
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(corpus.domains), dtype=torch.float64)
     count = torch.zeros(len(corpus.domains), dtype=torch.float64)
     was_training = model.training
     model.eval()
     for _ in range(n_batches):
-        starts = torch.randint(0, len(corpus.val) - seq_len, (batch_size,), generator=generator)
-        idx = starts[:, None] + torch.arange(seq_len + 1)
-        x, y, dom = corpus.val[idx[:, :-1]], corpus.val[idx[:, 1:]], corpus.val_domains[idx[:, 1:]].long()
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
-        total.index_add_(0, dom.flatten(), loss.double())
-        count.index_add_(0, dom.flatten(), torch.ones_like(loss, dtype=torch.float64))
+        x, y, domain = corpus.batch("val", batch_size, seq_len, generator, domains=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none").double()
+        total.index_add_(0, domain.flatten(), loss)
+        count.index_add_(0, domain.flatten(), torch.ones_like(loss))
     model.train(was_training)
-    return (total / count.clamp(min=1)).tolist()
+    return (total.sum() / count.sum()).item(), (total / count.clamp(min=1)).tolist()
 
 
 def main() -> None:
@@ -70,7 +63,7 @@ def main() -> None:
     model = Transformer(args)
     print(f"corpus: {corpus.train.numel():,} train / {corpus.val.numel():,} val tokens; "
           f"model: {model.num_params():,} parameters ({args.num_activated_params():,} activated)")
-    print(f"unigram entropy of the validation split: {unigram_entropy(corpus.val, args.vocab_size):.3f} nats/token")
+    print(f"unigram entropy of the validation split: {corpus.unigram_entropy("val"):.3f} nats/token")
 
     print(f"{'step':>6} {'val loss':>9} " + " ".join(f"{d:>10}" for d in corpus.domains) + f" {'seconds':>8}")
     start = time.perf_counter()
@@ -79,8 +72,7 @@ def main() -> None:
         model.update_bias()  # auxiliary-loss-free balancing, as in training the real model
         if (step + 1) % opts.eval_every and step + 1 != opts.steps:
             return
-        val = evaluate(model, corpus, "val", opts.batch, opts.seq_len)
-        per_domain = loss_by_domain(model, corpus, opts.batch, opts.seq_len)
+        val, per_domain = validation_loss(model, corpus, opts.batch, opts.seq_len)
         print(f"{step + 1:>6} {val:>9.3f} " + " ".join(f"{v:>10.3f}" for v in per_domain)
               + f" {time.perf_counter() - start:>8.0f}", flush=True)
 

@@ -265,16 +265,28 @@ class Corpus:
             raise ValueError(f"split ({name!r}) must be 'train' or 'val'")
         return self.train if name == "train" else self.val
 
-    def batch(self, split: str, batch_size: int, seq_len: int,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: inputs x (batch_size, seq_len) and next-token targets y (x shifted by one)."""
+    def unigram_entropy(self, split: str = "train") -> float:
+        """Entropy of the split's token frequencies (nats per token): the loss of the best predictor that
+        ignores context, the baseline every trained model must beat."""
+        counts = torch.bincount(self.split(split)).double()
+        p = counts[counts > 0] / counts.sum()
+        return -(p * p.log()).sum().item()
+
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
+              domains: bool = False) -> tuple[torch.Tensor, ...]:
+        """Random windows: inputs x (batch_size, seq_len) and next-token targets y (x shifted by one);
+        with `domains`, also the domain index of each target token (into `self.domains`)."""
         data = self.split(split)
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be > 0")
         if seq_len + 1 > len(data):
             raise ValueError(f"seq_len ({seq_len}) must be < the {split} split's length ({len(data)})")
         starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
-        window = data[starts[:, None] + torch.arange(seq_len + 1)]
+        index = starts[:, None] + torch.arange(seq_len + 1)
+        window = data[index]
+        if domains:
+            labels = self.train_domains if split == "train" else self.val_domains
+            return window[:, :-1], window[:, 1:], labels[index[:, 1:]].long()
         return window[:, :-1], window[:, 1:]
 
     def __repr__(self) -> str:

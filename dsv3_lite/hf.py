@@ -113,13 +113,14 @@ def _block_state(hf: dict[str, torch.Tensor], src: str, dst: str, args: ModelArg
         return out
     out[f"{dst}ffn.gate.weight"] = hf[f"{mlp}gate.weight"]
     out[f"{dst}ffn.gate.bias"] = hf[f"{mlp}gate.e_score_correction_bias"]
+    fused = f"{mlp}experts.gate_up_proj" in hf  # transformers 5.x in memory; else the checkpoint layout
     for j in range(args.n_routed_experts):
         expert = f"{dst}ffn.experts.{j}."
-        if f"{mlp}experts.gate_up_proj" in hf:  # fused (transformers 5.x in memory)
+        if fused:
             gate, up = hf[f"{mlp}experts.gate_up_proj"][j].chunk(2, dim=0)
             out.update({f"{expert}w1.weight": gate, f"{expert}w3.weight": up,
                         f"{expert}w2.weight": hf[f"{mlp}experts.down_proj"][j]})
-        else:  # one module per expert (checkpoint layout)
+        else:
             out.update({f"{expert}{ours}.weight": hf[f"{mlp}experts.{j}.{theirs}.weight"]
                         for ours, theirs in _MLP.items()})
     if args.n_shared_experts:

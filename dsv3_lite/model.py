@@ -33,7 +33,7 @@ class LossParts(NamedTuple):
     total: torch.Tensor
     main: torch.Tensor           # next-token cross-entropy of the main model
     mtp: torch.Tensor            # L_MTP = (lambda / D) sum_k L^k (0 when lambda or D is 0)
-    mtp_depths: list[torch.Tensor]  # each depth's own cross-entropy L^k (unweighted; empty without MTP)
+    mtp_depths: list[torch.Tensor]  # each depth's mean cross-entropy over its T - k predictions (detached)
     balance: torch.Tensor        # the MoE layers' sequence-wise / auxiliary balance losses
 
 
@@ -103,11 +103,7 @@ class Transformer(nn.Module):
         l_mtp, depths = zero, []
         run_mtp = mtp_lambda > 0 and len(self.mtp) > 0
         if run_mtp:
-            logits = mtp_chain(self.mtp, h, tokens)
-            l_mtp = mtp_loss(logits, targets, mtp_lambda)
-            with torch.no_grad():
-                depths = [F.cross_entropy(lg.flatten(0, 1).float(), targets[:, k:].flatten())
-                          for k, lg in enumerate(logits, start=1)]
+            l_mtp, depths = mtp_loss(mtp_chain(self.mtp, h, tokens), targets, mtp_lambda)
         # Only the layers that ran in this call: a skipped MTP module still holds its previous step's loss.
         balance = sum((m.aux_loss for m in self.moe_layers(mtp=run_mtp) if self.training), zero)
         return LossParts(main + l_mtp + balance, main, l_mtp, depths, balance)

@@ -73,8 +73,10 @@ def mtp_chain(modules: Sequence[MTPModule], h: torch.Tensor, tokens: torch.Tenso
     return logits
 
 
-def mtp_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, mtp_lambda: float) -> torch.Tensor:
-    """L_MTP = (lambda / D) sum_k L^k (eq. 25) with L^k the cross-entropy of depth k (eq. 24).
+def mtp_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor,
+             mtp_lambda: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L_MTP = (lambda / D) sum_k L^k (eq. 25) with L^k the cross-entropy of depth k (eq. 24), and each
+    depth's mean cross-entropy over its own T - k predictions (detached, for monitoring).
 
     `targets` are the main model's next-token targets t_1 .. t_T (B, T); depth k is scored on t_{k+1} .. t_T.
     As in eq. 24 each depth's summed log-loss is divided by T (the main sequence length), not T - k.
@@ -82,12 +84,15 @@ def mtp_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor, mtp_lambda: 
     if not logits:
         raise ValueError("mtp_loss needs the logits of at least one MTP depth")
     total = targets.new_zeros((), dtype=torch.float32)
+    depth_means = []
     for k, lg in enumerate(logits, start=1):
         target = targets[:, k:]
         if lg.shape[:2] != target.shape:
             raise ValueError(f"depth {k} logits {tuple(lg.shape)} do not match its targets {tuple(target.shape)}")
-        total = total + F.cross_entropy(lg.flatten(0, 1).float(), target.flatten(), reduction="sum")
-    return mtp_lambda / len(logits) * total / targets.numel()
+        summed = F.cross_entropy(lg.flatten(0, 1).float(), target.flatten(), reduction="sum")
+        total = total + summed
+        depth_means.append(summed.detach() / target.numel())
+    return mtp_lambda / len(logits) * total / targets.numel(), depth_means
 
 
 __all__ = ["MTPModule", "mtp_chain", "mtp_loss"]

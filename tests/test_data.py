@@ -1,5 +1,6 @@
 """The corpus is deterministic, mixes the four domains, and the tokenizer round-trips any text."""
 import hashlib
+import math
 
 import pytest
 import torch
@@ -80,6 +81,22 @@ def test_batches_are_shifted_windows_and_seeded(corpus):
     x2, _ = corpus.batch("train", 4, 32, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 32)
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x, x2)
+    # with domains: the same windows, plus the domain of each target token
+    for split in ("train", "val"):
+        x3, y3, dom = corpus.batch(split, 64, 32, torch.Generator().manual_seed(0), domains=True)
+        x4, _ = corpus.batch(split, 64, 32, torch.Generator().manual_seed(0))
+        assert torch.equal(x3, x4) and dom.shape == y3.shape and dom.dtype == torch.long
+        chinese = dom == corpus.domains.index("chinese")
+        assert (y3[chinese] >= 128).float().mean() > 0.5  # UTF-8 bytes of CJK characters
+        arithmetic = y3[dom == corpus.domains.index("arithmetic")]
+        assert ((arithmetic < 128) | (arithmetic == corpus.tokenizer.eot_id)).all()  # ASCII (and <|endoftext|>)
+
+
+def test_unigram_entropy():
+    small = Corpus([Document("text", "ab")] * 10)  # every split reads a, b, <|endoftext|>, a, b, ...
+    assert small.unigram_entropy() == pytest.approx(math.log(3))
+    assert small.unigram_entropy("val") == pytest.approx(math.log(3))
+    assert 4.0 < Corpus.default().unigram_entropy() < 4.3  # bytes of four domains: about 4.15 nats
 
 
 def test_batch_rejects_bad_requests(corpus):

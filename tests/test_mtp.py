@@ -50,7 +50,10 @@ def test_chain_shapes_and_loss_formula():
     expected = 0.0
     for k, lg in enumerate(logits, start=1):
         expected += sum(F.cross_entropy(lg[b], y[b, k:], reduction="sum") for b in range(B)) / (B * T)
-    torch.testing.assert_close(mtp_loss(logits, y, 0.3), 0.3 / 2 * expected)
+    l_mtp, depth_means = mtp_loss(logits, y, 0.3)
+    torch.testing.assert_close(l_mtp, 0.3 / 2 * expected)
+    for k, (lg, mean) in enumerate(zip(logits, depth_means), start=1):  # each depth's own mean cross-entropy
+        torch.testing.assert_close(mean, F.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten()))
     with pytest.raises(ValueError, match="MTP depth"):
         mtp_chain(model.mtp, model.hidden_states(x[:, :2]), x[:, :2])
 
