@@ -63,7 +63,7 @@ def main() -> None:
     model = Transformer(args)
     print(f"corpus: {corpus.train.numel():,} train / {corpus.val.numel():,} val tokens; "
           f"model: {model.num_params():,} parameters ({args.num_activated_params():,} activated)")
-    print(f"unigram entropy of the validation split: {corpus.unigram_entropy("val"):.3f} nats/token")
+    print(f"unigram entropy of the validation split: {corpus.unigram_entropy('val'):.3f} nats/token")
 
     print(f"{'step':>6} {'val loss':>9} " + " ".join(f"{d:>10}" for d in corpus.domains) + f" {'seconds':>8}")
     start = time.perf_counter()
