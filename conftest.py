@@ -1,4 +1,40 @@
-"""Shared pytest set-up. Notebook kernels started by nbval inherit this environment."""
-import os
+"""Shared pytest set-up: one torch thread, no progress bars, and strict nbval over notebooks/ when installed.
 
-os.environ.setdefault("DSV3_LITE_PROGRESS", "0")  # no progress-bar residue in compared outputs
+The environment set here, before torch or tqdm is imported, is inherited by the notebook kernels nbval
+starts, so the unit tests, nbval and `tools/execute_notebooks.py` (which sets the same variables) all run
+in one configuration. Chapters that train pin their own thread count, so their outputs do not depend on it.
+"""
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+from notebook_cells import KERNEL_ENV  # noqa: E402
+
+# A few threads per tiny matmul only contend with each other (and with other jobs on a shared machine):
+# one thread runs the suite about twice as fast. A non-empty OMP_NUM_THREADS is respected.
+for name, value in KERNEL_ENV.items():
+    if not os.environ.get(name):
+        os.environ[name] = value
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+NBVAL_SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
+
+
+def pytest_configure(config):
+    """`pytest` validates the notebooks with strict nbval, as `--nbval --nbval-current-env
+    --nbval-sanitize-with tests/nbval_sanitize.cfg` would, when the plugin is installed; without it (or with
+    `-p no:nbval`) the unit tests run alone. Options given on the command line (`--nbval-lax`,
+    `--nbval-kernel-name`, another sanitize file) are kept."""
+    option = config.option
+    if not config.pluginmanager.hasplugin("nbval") or option.nbval_lax:
+        return
+    option.nbval = True
+    if not (option.nbval_kernel_name or option.current_env):
+        option.nbval_current_env = True
+    if not (option.nbval_sanitize_with or option.sanitize_with):
+        option.nbval_sanitize_with = str(NBVAL_SANITIZE)

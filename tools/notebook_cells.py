@@ -1,19 +1,24 @@
-"""The two cells every chapter opens with, derived from the repository URL in `_config.yml`.
+"""The two cells every chapter opens with, derived from the repository URL in `_config.yml`, and the
+environment every notebook kernel runs in.
 
-Used by tools/execute_notebooks.py (which stamps them) and by the tests (which check them).
+Used by tools/execute_notebooks.py (which stamps the cells and sets the environment) and by the tests
+(which check the cells; conftest.py sets the same environment for the kernels nbval starts).
 """
 from __future__ import annotations
 
 import pathlib
 
-import yaml
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BADGE_MARKER = "colab-badge"
+# One torch thread (chapters that train pin it themselves too), and no progress bars: tqdm's own switch,
+# so that no bar residue lands in stored or compared outputs.
+KERNEL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 def repository() -> tuple[str, str]:
     """(url, branch) of the book's repository, read from _config.yml: the one place they are written."""
+    import yaml  # here, so that conftest.py can read KERNEL_ENV without it
+
     config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
     return config["repository"]["url"].rstrip("/"), config["repository"].get("branch", "main")
 
