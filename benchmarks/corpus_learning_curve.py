@@ -15,31 +15,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import Transformer
-from dsv3_lite.train import train_lm
-
-
-@torch.no_grad()
-def validation_loss(model: Transformer, corpus: Corpus, batch_size: int, seq_len: int, n_batches: int = 8,
-                    seed: int = 1234) -> tuple[float, list[float]]:
-    """Mean validation loss over fixed windows (those `dsv3_lite.train.evaluate` uses), overall and over the
-    tokens of each domain."""
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros(len(corpus.domains), dtype=torch.float64)
-    count = torch.zeros(len(corpus.domains), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for _ in range(n_batches):
-        x, y, domain = corpus.batch("val", batch_size, seq_len, generator, domains=True)
-        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none").double()
-        total.index_add_(0, domain.flatten(), loss)
-        count.index_add_(0, domain.flatten(), torch.ones_like(loss))
-    model.train(was_training)
-    return (total.sum() / count.sum()).item(), (total / count.clamp(min=1)).tolist()
+from dsv3_lite.train import evaluate, train_lm
 
 
 def main() -> None:
@@ -72,8 +52,8 @@ def main() -> None:
         model.update_bias()  # auxiliary-loss-free balancing, as in training the real model
         if (step + 1) % opts.eval_every and step + 1 != opts.steps:
             return
-        val, per_domain = validation_loss(model, corpus, opts.batch, opts.seq_len)
-        print(f"{step + 1:>6} {val:>9.3f} " + " ".join(f"{v:>10.3f}" for v in per_domain)
+        val, per_domain = evaluate(model, corpus, "val", opts.batch, opts.seq_len, by_domain=True)
+        print(f"{step + 1:>6} {val:>9.3f} " + " ".join(f"{per_domain[d]:>10.3f}" for d in corpus.domains)
               + f" {time.perf_counter() - start:>8.0f}", flush=True)
 
     train_lm(model, corpus, opts.steps, opts.batch, opts.seq_len, lr=opts.lr, on_step=report, progress=False)

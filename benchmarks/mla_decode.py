@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
     opts = parser.parse_args()
+    if opts.threads < 1:
+        parser.error(f"--threads ({opts.threads}) must be >= 1")
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
 

@@ -37,11 +37,28 @@ class History:
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of `model(x)` (logits of shape (batch, seq, vocab)) against `y`."""
-    logits = model(x)
+    return _cross_entropy(model(x), y)
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     if logits.shape[:2] != y.shape:
         raise ValueError(f"model(x) must return logits (batch, seq, vocab); got {tuple(logits.shape)} "
                          f"for targets {tuple(y.shape)}")
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} ({value}) must be >= {minimum}")
+
+
+def _check_rate(name: str, value: object, positive: bool, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} ({value}) must be a finite number {'> 0' if positive else '>= 0'}{why}")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -53,18 +70,35 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, corpus: Corpus, split: str = "val", batch_size: int = 16, seq_len: int = 128,
-             n_batches: int = 8, seed: int = 1234) -> float:
-    """Mean next-token loss over `n_batches` fixed windows (the same windows for every model and call)."""
+             n_batches: int = 8, seed: int = 1234,
+             by_domain: bool = False) -> float | tuple[float, dict[str, float]]:
+    """Mean next-token loss over `n_batches` fixed windows (the same windows for every model and call).
+
+    by_domain=True also returns the mean loss over the target tokens of each of `corpus.domains` (NaN for
+    a domain with no token in the windows).
+    """
+    _check_count("n_batches", n_batches, 1)
     generator = torch.Generator().manual_seed(seed)
     device = _device_of(model)
     was_training = model.training
     model.eval()
     losses = []
-    for _ in range(n_batches):
-        x, y = corpus.batch(split, batch_size, seq_len, generator)
-        losses.append(lm_loss(model, x.to(device), y.to(device)).item())
-    model.train(was_training)
-    return sum(losses) / len(losses)
+    total = torch.zeros(len(corpus.domains), dtype=torch.float64)
+    count = torch.zeros_like(total)
+    try:
+        for _ in range(n_batches):
+            # with by_domain, `labels` holds the domain index of every target token
+            x, y, *labels = corpus.batch(split, batch_size, seq_len, generator, domains=by_domain)
+            logits, y = model(x.to(device)), y.to(device)
+            losses.append(_cross_entropy(logits, y).item())
+            if by_domain:
+                per_token = _cross_entropy(logits, y, reduction="none").double().cpu()
+                total.index_add_(0, labels[0].flatten(), per_token)
+                count.index_add_(0, labels[0].flatten(), torch.ones_like(per_token))
+    finally:
+        model.train(was_training)
+    mean = sum(losses) / n_batches
+    return (mean, dict(zip(corpus.domains, (total / count).tolist()))) if by_domain else mean
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -83,16 +117,24 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
 
     loss_fn(model, x, y) -> scalar loss replaces the plain next-token loss (e.g. to add MTP or balance
     losses); on_step(model, step) runs after every optimizer step (e.g. the auxiliary-loss-free bias update).
-    Validation runs every `eval_every` steps (0: only at the end). The progress bar is on unless
-    `progress=False` or the environment sets DSV3_LITE_PROGRESS=0 (as the notebook tests do).
+    Validation runs every `eval_every` steps (0: only at the end). grad_clip 0 switches clipping off.
+    The progress bar is on unless `progress=False` or the environment sets tqdm's own TQDM_DISABLE (as the
+    notebook tests do). A loss that is not finite stops training with a `FloatingPointError`.
     """
-    if steps <= 0:
-        raise ValueError(f"steps ({steps}) must be > 0")
-    if eval_every < 0:
-        raise ValueError(f"eval_every ({eval_every}) must be >= 0")
-    warmup = max(1, steps // 10) if warmup is None else warmup
-    if progress is None:
-        progress = os.environ.get("DSV3_LITE_PROGRESS", "1") != "0"
+    for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+                                 ("eval_every", eval_every, 0), ("eval_batches", eval_batches, 1)):
+        _check_count(name, value, minimum)
+    _check_rate("lr", lr, positive=True)
+    _check_rate("weight_decay", weight_decay, positive=False)
+    _check_rate("grad_clip", grad_clip, positive=False,
+                why=" (0 switches clipping off; a negative one would turn descent into ascent)")
+    if warmup is None:
+        warmup = max(1, steps // 10)
+    _check_count("warmup", warmup, 0)
+    if warmup > steps:
+        raise ValueError(f"warmup ({warmup}) must be <= steps ({steps}), or lr is never reached")
+    if progress is None:  # tqdm's notebook bar ignores TQDM_DISABLE, so it is read here for both bars
+        progress = not os.environ.get("TQDM_DISABLE")
     loss_fn = loss_fn or lm_loss
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -109,6 +151,13 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
             group["lr"] = lr_at(step, steps, lr, warmup)
         x, y = corpus.batch("train", batch_size, seq_len, generator)
         loss = loss_fn(model, x.to(device), y.to(device))
+        value = loss.item()
+        if not math.isfinite(value):
+            bar.close()
+            raise FloatingPointError(
+                f"the training loss is {value} at step {step + 1} of {steps} (the model keeps the weights of "
+                f"the step before): the run diverged or overflowed. Try FP32 or BF16 instead of FP16, a lower "
+                f"lr (now {lr}), or gradient clipping (grad_clip now {grad_clip})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -116,11 +165,11 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
         optimizer.step()
         if on_step is not None:
             on_step(model, step)
-        history.train_loss.append(loss.item())
+        history.train_loss.append(value)
         if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
             if not history.val_loss or history.val_loss[-1][0] != step + 1:
                 history.val_loss.append((step + 1, evaluate(model, corpus, "val", batch_size, seq_len,
                                                              eval_batches)))
-            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{history.val_loss[-1][1]:.3f}")
+            bar.set_postfix(train=f"{value:.3f}", val=f"{history.val_loss[-1][1]:.3f}")
     bar.close()
     return history

@@ -1,4 +1,5 @@
-"""The training helper: seeded and deterministic, its hooks run, its schedule is the documented one."""
+"""The training helper: seeded and deterministic, its hooks run, its schedule is the documented one, and
+bad settings or a diverging run stop with an error that says what to change."""
 import math
 
 import pytest
@@ -20,7 +21,8 @@ class Bigram(nn.Module):
 
 @pytest.fixture(scope="module")
 def corpus():
-    return Corpus([Document("text", "abcabcabd " * 20 + str(i)) for i in range(40)])
+    return Corpus([Document("text", "abcabcabd " * 20 + str(i)) for i in range(40)]
+                  + [Document("code", "x = [i * i for i in range(9)]\n" * 8) for _ in range(10)])
 
 
 def run(corpus, **kw):
@@ -57,17 +59,100 @@ def test_evaluate_uses_fixed_windows_and_restores_mode(corpus):
     assert model.training and a == evaluate(model, corpus, batch_size=2, seq_len=8, n_batches=3)
 
 
+def test_evaluate_by_domain_matches_a_direct_count(corpus):
+    """Per-domain losses recomputed here from the same windows, with log-softmax instead of cross_entropy."""
+    torch.manual_seed(0)
+    model = Bigram()
+    overall, per_domain = evaluate(model, corpus, batch_size=3, seq_len=8, n_batches=4, by_domain=True)
+    assert overall == evaluate(model, corpus, batch_size=3, seq_len=8, n_batches=4)
+    generator = torch.Generator().manual_seed(1234)
+    losses, labels = [], []
+    for _ in range(4):
+        x, y, domain = corpus.batch("val", 3, 8, generator, domains=True)
+        with torch.no_grad():
+            losses.append(-torch.log_softmax(model(x), -1).gather(-1, y[..., None]).squeeze(-1))
+        labels.append(domain)
+    losses, labels = torch.cat(losses).flatten(), torch.cat(labels).flatten()
+    assert overall == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert sorted(per_domain) == sorted(corpus.domains) == ["code", "text"]
+    for i, name in enumerate(corpus.domains):
+        assert (labels == i).any()
+        assert per_domain[name] == pytest.approx(losses[labels == i].mean().item(), rel=1e-6)
+
+
 def test_schedule_warms_up_then_decays_to_a_tenth():
     assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
     assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert lr_at(99, 100, 1.0, 10) == pytest.approx(0.1, abs=1e-3)
 
 
+@pytest.mark.parametrize("setting,message", [
+    (dict(steps=0), r"steps \(0\) must be >= 1"),
+    (dict(steps=2.0), r"steps must be an int, got float"),
+    (dict(batch_size=0), r"batch_size \(0\) must be >= 1"),
+    (dict(seq_len=-4), r"seq_len \(-4\) must be >= 1"),
+    (dict(eval_every=-1), r"eval_every \(-1\) must be >= 0"),
+    (dict(eval_batches=0), r"eval_batches \(0\) must be >= 1"),
+    (dict(lr=0.0), r"lr \(0.0\) must be a finite number > 0"),
+    (dict(lr=float("nan")), r"lr \(nan\) must be a finite number > 0"),
+    (dict(lr=float("inf")), r"lr \(inf\) must be a finite number > 0"),
+    (dict(weight_decay=-0.1), r"weight_decay \(-0.1\) must be a finite number >= 0"),
+    (dict(grad_clip=-1.0), r"grad_clip \(-1.0\) must be a finite number >= 0 \(0 switches clipping off"),
+    (dict(grad_clip=None), r"grad_clip must be a number, got NoneType"),
+    (dict(warmup=-1), r"warmup \(-1\) must be >= 0"),
+    (dict(warmup=31), r"warmup \(31\) must be <= steps \(30\)"),
+])
+def test_bad_settings_raise_before_training(corpus, setting, message):
+    model = Bigram()
+    before = model.table.weight.clone()
+    kwargs = dict(steps=30, batch_size=4, seq_len=16, progress=False) | setting
+    with pytest.raises((ValueError, TypeError), match=message):
+        train_lm(model, corpus, **kwargs)
+    assert torch.equal(model.table.weight, before)
+
+
+def test_zero_warmup_and_no_clipping_are_valid(corpus):
+    _, history = run(corpus, warmup=0, grad_clip=0.0)
+    assert history.final_val_loss < math.log(260) - 1
+
+
+def test_a_loss_that_is_not_finite_stops_training(corpus):
+    """A model whose logits overflow (as an FP16 run's can) must not keep training on NaN."""
+    model = Bigram()
+    with torch.no_grad():
+        model.table.weight[:, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 30 .*FP32 or BF16.*lower lr"):
+        train_lm(model, corpus, steps=30, batch_size=4, seq_len=16, progress=False)
+    calls = []
+
+    def diverging(model, x, y):  # finite for two steps, then NaN: the error names the step
+        calls.append(1)
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    model = Bigram()
+    with pytest.raises(FloatingPointError, match=r"at step 3 of 30"):
+        train_lm(model, corpus, steps=30, batch_size=4, seq_len=16, loss_fn=diverging, progress=False)
+    assert torch.isfinite(model.table.weight).all()  # the NaN step was not applied
+
+
+def test_progress_bar_follows_tqdm_disable(corpus, monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    train_lm(Bigram(), corpus, steps=2, batch_size=2, seq_len=4)
+    assert "training" in capsys.readouterr().err
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    train_lm(Bigram(), corpus, steps=2, batch_size=2, seq_len=4)
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("TQDM_DISABLE")
+    train_lm(Bigram(), corpus, steps=2, batch_size=2, seq_len=4, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_bad_arguments(corpus):
-    with pytest.raises(ValueError, match=r"steps \(0\) must be > 0"):
-        train_lm(Bigram(), corpus, steps=0)
     with pytest.raises(ValueError, match="must return logits"):
         evaluate(FlatModel(), corpus, batch_size=2, seq_len=4)
+    with pytest.raises(ValueError, match=r"n_batches \(0\) must be >= 1"):
+        evaluate(Bigram(), corpus, n_batches=0)
 
 
 class FlatModel(nn.Module):
