@@ -13,7 +13,7 @@ from torch import nn
 
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.mla import MLA
-from dsv3_lite.moe import MLP, MoE
+from dsv3_lite.moe import MLP, MoE, Routing
 from dsv3_lite.norm import RMSNorm
 
 
@@ -29,14 +29,16 @@ class Block(nn.Module):
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.ffn = MoE(args) if moe else MLP(args.dim, args.inter_dim)
-        if not moe:  # MLA and MoE initialise themselves; the dense FFN takes the same N(0, init_std)
-            for linear in (self.ffn.w1, self.ffn.w2, self.ffn.w3):
-                nn.init.normal_(linear.weight, mean=0.0, std=args.init_std)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim)."""
-        x = x + self.attn(self.attn_norm(x), start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, start_pos: int = 0,
+                freqs_cis: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 (RoPE rows `freqs_cis`, computed by the
+        attention when not given) -> the block's output (B, S, dim) and its MoE routing (None if dense)."""
+        x = x + self.attn(self.attn_norm(x), start_pos, freqs_cis)
+        if isinstance(self.ffn, MoE):
+            out, routing = self.ffn(self.ffn_norm(x))
+            return x + out, routing
+        return x + self.ffn(self.ffn_norm(x)), None
 
 
 __all__ = ["Block"]

@@ -16,9 +16,9 @@ ScoreFunc = Literal["sigmoid", "softmax"]
 AttnImpl = Literal["naive", "absorb"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArgs:
-    """Hyper-parameters of a DeepSeek-V3-style model.
+    """Hyper-parameters of a DeepSeek-V3-style model (frozen: change a field with `replace`, which validates).
 
     Sizes
         vocab_size: tokens in the vocabulary.
@@ -158,6 +158,8 @@ class ModelArgs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} ({value}) must be finite")
         for name in ["route_scale", "rms_norm_eps", "init_std", "beta_slow"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")

@@ -7,6 +7,7 @@ nothing is downloaded. It mixes, at toy scale, the domains of DeepSeek-V3's pre-
 """
 from __future__ import annotations
 
+import copy
 import functools
 import pathlib
 import random
@@ -218,9 +219,10 @@ def build_documents(docs_per_domain: int = 6000, seed: int = 0) -> list[Document
 class Corpus:
     """Documents tokenized into one train and one validation stream of token ids.
 
-    Documents are separated by <|endoftext|>. Every `val_every`-th document goes to validation, so both
-    splits mix all domains. `train_domains` / `val_domains` give each token's domain (index into
-    `domains`), for per-domain analyses.
+    Documents are encoded by `tokenizer` (default: `ByteTokenizer`; anything with `encode(text) -> ids`,
+    `eot_id` and `vocab_size` works) and separated by its end-of-text token. Every `val_every`-th document
+    goes to validation, so both splits mix all domains. `train_domains` / `val_domains` give each token's
+    domain (index into `domains`), for per-domain analyses.
     """
 
     def __init__(self, documents: Sequence[Document], val_every: int = 10,
@@ -241,23 +243,31 @@ class Corpus:
     def _tokenize(self, docs: Sequence[Document]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, dom = [], []
         for doc in docs:
-            raw = doc.text.encode("utf-8")
-            ids.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).long())
-            ids.append(torch.tensor([self.tokenizer.eot_id]))
-            dom.append(torch.full((len(raw) + 1,), self.domains.index(doc.domain), dtype=torch.uint8))
+            encoded = self.tokenizer.encode(doc.text) + [self.tokenizer.eot_id]
+            ids.append(torch.tensor(encoded, dtype=torch.long))
+            dom.append(torch.full((len(encoded),), self.domains.index(doc.domain), dtype=torch.uint8))
         return torch.cat(ids), torch.cat(dom)
 
     @classmethod
-    @functools.lru_cache(maxsize=1)
     def default(cls) -> "Corpus":
-        """The book's corpus (built once per process, a few seconds; identical on every machine)."""
-        return cls(build_documents())
+        """The book's corpus, identical on every machine. Built once per process (a few seconds); each call
+        returns its own copy, so one caller's changes never reach another's."""
+        return copy.deepcopy(_default_corpus())
 
     @classmethod
     def from_text_file(cls, path: str | pathlib.Path, val_every: int = 10) -> "Corpus":
-        """Any local UTF-8 text file; paragraphs (separated by blank lines) become documents."""
-        text = pathlib.Path(path).read_text(encoding="utf-8")
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        """Any local UTF-8 text file (a byte-order mark is skipped); paragraphs, separated by blank lines,
+        become documents, every `val_every`-th one a validation document."""
+        path = pathlib.Path(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
+                             f"save it as UTF-8") from None
+        paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+        if len(paragraphs) < val_every:
+            raise ValueError(f"{path}: {len(paragraphs)} paragraphs, but at least val_every ({val_every}) are "
+                             f"needed; paragraphs are separated by blank lines")
         return cls([Document("text", p) for p in paragraphs], val_every=val_every)
 
     def split(self, name: str) -> torch.Tensor:
@@ -292,3 +302,8 @@ class Corpus:
     def __repr__(self) -> str:
         return (f"Corpus(domains={self.domains}, train={len(self.train):,} tokens, "
                 f"val={len(self.val):,} tokens, vocab={self.tokenizer.vocab_size})")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_corpus() -> Corpus:
+    return Corpus(build_documents())

@@ -72,6 +72,17 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+def _finite(logits: torch.Tensor, position: int) -> torch.Tensor:
+    """`logits` if every entry is finite: NaN logits (an FP16 overflow, diverged weights) would decode as the
+    same token for ever. One check per main-model forward (one device sync), none per layer."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            f"the model's logits for the token at position {position} are not finite (NaN or inf), so no token "
+            f"can be decoded from them: check the weights (torch.isfinite on each parameter) and run in FP32 or "
+            f"BF16 rather than FP16")
+    return logits
+
+
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Greedy (temperature 0) or sampled token ids for logits (..., V)."""
     if temperature == 0:
@@ -142,7 +153,7 @@ class _Drafter:
         probs = []
         for k in range(1, depth + 1):
             lo = self.fresh[k]
-            h = self.model.mtp[k - 1](self.hidden[k - 1][:, lo:n - 1], seq[:, lo + k:n - 1 + k], start_pos=lo)
+            h, _ = self.model.mtp[k - 1](self.hidden[k - 1][:, lo:n - 1], seq[:, lo + k:n - 1 + k], start_pos=lo)
             if k < self.depth:
                 self.hidden[k][:, lo:n - 1] = h
             logits = self.model.head(h[:, -1])
@@ -187,6 +198,7 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
 
     temperature 0 is greedy; > 0 samples from softmax(logits / temperature) using `generator`.
     speculative=True drafts `draft_depth` tokens (default: all MTP depths) per main-model forward.
+    Logits that are not finite raise a `FloatingPointError`.
     Returns the sequences (B, P + max_new_tokens), prompts included, and a `GenerationStats`.
     """
     depth = _check_args(model, tokens, max_new_tokens, temperature, speculative, draft_depth, generator)
@@ -200,13 +212,13 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
     model.allocate_cache(batch)
     start = time.perf_counter()
     try:
-        h = model.hidden_states(tokens, 0)  # prefill
+        h, _ = model.hidden_states(tokens, 0)  # prefill
         stats.main_forwards += 1
-        seq[:, prompt_len] = _pick(model.head(h[:, -1]), temperature, generator)
+        seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len), temperature, generator)
         n = prompt_len + 1
         if depth == 0:
             for n in range(n, total):
-                logits = model(seq[:, n - 1:n], n - 1)[:, -1]
+                logits = _finite(model(seq[:, n - 1:n], n - 1)[:, -1], n)
                 stats.main_forwards += 1
                 seq[:, n] = _pick(logits, temperature, generator)
         else:
@@ -226,10 +238,10 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, 
                       temperature: float, generator: torch.Generator | None, stats: GenerationStats) -> int:
     """Draft `depth` tokens, verify them in one main-model forward, commit; return the new token count."""
     drafts, draft_probs = drafter.draft(seq, n, depth, temperature, generator)
-    h = model.hidden_states(seq[:, n - 1:n + depth], n - 1)  # [last committed token, drafts]
+    h, _ = model.hidden_states(seq[:, n - 1:n + depth], n - 1)  # [last committed token, drafts]
     stats.main_forwards += 1
     drafter.hidden[0][:, n - 1:n + depth] = h
-    n_accepted, next_token = verify_drafts(model.head(h), drafts, draft_probs, temperature, generator)
+    n_accepted, next_token = verify_drafts(_finite(model.head(h), n), drafts, draft_probs, temperature, generator)
     if depth:
         stats.draft_positions.append(n)
         stats.accepted_per_step.append(n_accepted.clone())

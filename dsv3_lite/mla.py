@@ -1,11 +1,18 @@
-"""Multi-head Latent Attention (report 2.1.1) and the MHA / GQA / MQA baselines it is measured against.
+"""Multi-head Latent Attention (report 2.1.1, eqs. 1-11) and the MHA / GQA / MQA baselines it is measured against.
 
 MLA compresses what attention must remember about a token into a small latent c_KV (kv_lora_rank values)
 plus one RoPE key shared by all heads (qk_rope_head_dim values). Per-head keys and values are
-up-projections of c_KV:
+up-projections of c_KV. In the report's symbols, with the weight of this module that holds each matrix:
 
-    c_KV = RMSNorm(W_DKV h),   [k_nope | v]_head = W_UKV c_KV,   k_rope = RoPE(W_KR h)
-    q = W_UQ RMSNorm(W_DQ h)  (or W_Q h when q_lora_rank = 0),   [q_nope | q_rope]_head, q_rope rotated
+    c_KV = W_DKV h                            (eq. 1)   wkv_a, its first kv_lora_rank rows; then kv_norm
+    k_C = W_UK c_KV,   v_C = W_UV c_KV        (eqs. 2, 5)  wkv_b, per head the rows [k_nope | v]
+    k_R = RoPE(W_KR h), one for all heads     (eqs. 3-4)   wkv_a, its last qk_rope_head_dim rows
+    c_Q = W_DQ h                              (eq. 6)   wq_a; then q_norm
+    q_C = W_UQ c_Q,   q_R = RoPE(W_QR c_Q)    (eqs. 7-9)   wq_b, per head the rows [q_nope | q_rope]
+    o = softmax(q . k * scale) v_C,   u = W_O [o_1; ..; o_nh]   (eqs. 10-11)   wo
+
+With q_lora_rank = 0 (V2-Lite) `wq` maps h to the queries directly. The two RMSNorms on the latents
+(`q_norm`, `kv_norm`) are in DeepSeek's released code and weights, not in the report's equations.
 
 Two inference paths, chosen by `ModelArgs.attn_impl`:
 
@@ -17,7 +24,11 @@ Two inference paths, chosen by `ModelArgs.attn_impl`:
 
 Every attention module here owns its KV cache (`allocate_cache` / `free_cache`). Without a cache, forward is
 plain causal attention over x (the training path); with one, it writes positions [start_pos, start_pos + S)
-and attends over [0, start_pos + S). The cache is an inference structure: values written to it are detached.
+and attends over [0, start_pos + S). The cache is an inference structure: forward refuses to write to it
+while gradients are being recorded (a cached key could not pass its gradient on).
+
+The RoPE rows e^{i m f} for the positions of x are an argument of forward (`freqs_cis`): the Transformer
+computes them once per forward for all its layers; a module used on its own computes them from its config.
 """
 from __future__ import annotations
 
@@ -37,11 +48,11 @@ def causal_mask(q_start: int, n_q: int, k_start: int, n_k: int, device=None) -> 
     Positions are absolute, so a prefill that continues a cached prefix (queries at q_start.., keys at 0..)
     is masked correctly.
     """
+    if k_start + n_k - 1 <= q_start:  # the last key is not after the first query: nothing to mask
+        return None
     q_pos = torch.arange(q_start, q_start + n_q, device=device)
     k_pos = torch.arange(k_start, k_start + n_k, device=device)
     future = k_pos[None, :] > q_pos[:, None]
-    if not future.any():
-        return None
     return torch.zeros(n_q, n_k, device=device).masked_fill_(future, float("-inf"))
 
 
@@ -70,17 +81,17 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 class CachedAttention(nn.Module):
-    """What every attention variant here shares: input checks, its rope table and a KV cache it owns.
+    """What every attention variant here shares: input checks, its RoPE rows and a KV cache it owns.
 
     Subclasses describe their cache with `cache_layout()` (name -> per-token shape); the cache holds
-    (batch_size, max_seq_len, *shape) per name, allocated in the parameters' dtype.
+    (batch_size, max_seq_len, *shape) per name, allocated in the parameters' dtype. `rope_args` is the
+    configuration of the RoPE table the module expects (rope width `rope_args.qk_rope_head_dim`).
     """
 
-    freqs_cis: torch.Tensor
-
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, rope_args: ModelArgs | None = None):
         super().__init__()
         self.args = args
+        self.rope_args = rope_args or args
         self.cache_batch_size = 0
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:
@@ -116,6 +127,7 @@ class CachedAttention(nn.Module):
         self.cache_batch_size = 0
 
     def _check_input(self, x: torch.Tensor, start_pos: int) -> tuple[int, int]:
+        """(batch, seq_len) of x, after checking its shape, its positions and the cache's rules."""
         dim = self.args.dim
         if x.ndim != 3 or x.shape[-1] != dim:
             raise ValueError(f"x must be (batch, seq_len, dim) with dim = {dim}, got shape {tuple(x.shape)}")
@@ -128,7 +140,17 @@ class CachedAttention(nn.Module):
         if self.has_cache and bsz > self.cache_batch_size:
             raise ValueError(f"batch size ({bsz}) must be <= the cache's batch size ({self.cache_batch_size}) "
                              f"given to allocate_cache")
+        if self.has_cache and torch.is_grad_enabled() and (x.requires_grad or self.wo.weight.requires_grad):
+            raise RuntimeError("a KV cache is allocated, and keys and values written to it would not pass "
+                               "their gradient on: decode under torch.no_grad() or torch.inference_mode(), "
+                               "and call free_cache() before training")
         return bsz, seqlen
+
+    def _freqs(self, freqs_cis: torch.Tensor | None, start_pos: int, seqlen: int, device) -> torch.Tensor:
+        """The RoPE rows for positions [start_pos, start_pos + seqlen): the given ones, or computed."""
+        if freqs_cis is None:
+            return precompute_freqs_cis(self.rope_args, start_pos, seqlen, device)
+        return freqs_cis
 
     def _update_cache(self, start_pos: int, **new: torch.Tensor) -> list[torch.Tensor]:
         """Write each new (B, S, ...) tensor at [start_pos, start_pos + S); return the views over [0, end)."""
@@ -136,37 +158,13 @@ class CachedAttention(nn.Module):
         for name, value in new.items():
             buf = getattr(self, f"cache_{name}")
             bsz, end = value.shape[0], start_pos + value.shape[1]
-            buf[:bsz, start_pos:end] = value.detach()
+            buf[:bsz, start_pos:end] = value
             views.append(buf[:bsz, :end])
         return views
 
     def _mask(self, start_pos: int, seqlen: int, device) -> torch.Tensor | None:
         k_start = 0 if self.has_cache else start_pos
         return causal_mask(start_pos, seqlen, k_start, start_pos + seqlen - k_start, device)
-
-    def register_rope(self, rope_args: ModelArgs) -> None:
-        """Register the complex rope table for `rope_args` (kept, to rebuild the table off the meta device)."""
-        self.rope_args = rope_args
-        self.register_buffer("freqs_cis", precompute_freqs_cis(rope_args), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype) would cast the complex rope table to a real dtype and drop its imaginary part:
-        # the table keeps complex64 and only follows the parameters' device. Leaving the meta device
-        # (to_empty), it is computed afresh: it is a function of the config, not a weight.
-        freqs = self._buffers.pop("freqs_cis")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = next(self.parameters()).device
-            if freqs.is_meta and device.type != "meta":
-                freqs = precompute_freqs_cis(self.rope_args)
-            self._buffers["freqs_cis"] = freqs.to(device)
-        return self
-
-    def _init_linear_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
 
 
 class MLA(CachedAttention):
@@ -188,8 +186,6 @@ class MLA(CachedAttention):
         self.wkv_b = nn.Linear(args.kv_lora_rank, h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
         self.wo = nn.Linear(h * args.v_head_dim, dim, bias=False)
         self.softmax_scale = args.softmax_scale()
-        self.register_rope(args)
-        self._init_linear_weights()
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:
         a = self.args
@@ -197,12 +193,12 @@ class MLA(CachedAttention):
             return {"k": (a.n_heads, a.qk_head_dim), "v": (a.n_heads, a.v_head_dim)}
         return {"kv": (a.kv_lora_rank,), "pe": (a.qk_rope_head_dim,)}  # latent and rope key: d_c + d_h^R
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim)."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim); freqs_cis: their RoPE
+        rows (S, qk_rope_head_dim // 2), computed here when not given."""
         a = self.args
         bsz, seqlen = self._check_input(x, start_pos)
-        end = start_pos + seqlen
-        freqs = self.freqs_cis[start_pos:end]
+        freqs = self._freqs(freqs_cis, start_pos, seqlen, x.device)
 
         q = self.wq(x) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(bsz, seqlen, self.n_heads, a.qk_head_dim).split(
@@ -244,28 +240,27 @@ class GQA(CachedAttention):
     """
 
     def __init__(self, args: ModelArgs, n_kv_heads: int, head_dim: int | None = None):
-        super().__init__(args)
         head_dim = args.v_head_dim if head_dim is None else head_dim
         if not 1 <= n_kv_heads <= args.n_heads or args.n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({args.n_heads})")
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim ({head_dim}) must be positive and even (RoPE rotates pairs)")
+        super().__init__(args, rope_args=args.replace(qk_rope_head_dim=head_dim))
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, n_kv_heads, head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * head_dim, bias=False)
         self.wk = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
         self.wv = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * head_dim, args.dim, bias=False)
         self.softmax_scale = args.softmax_scale() * (args.qk_head_dim / head_dim) ** 0.5
-        self.register_rope(args.replace(qk_rope_head_dim=head_dim))
-        self._init_linear_weights()
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:
         return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim)."""
+    def forward(self, x: torch.Tensor, start_pos: int = 0, freqs_cis: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim) at positions start_pos .. start_pos + S - 1 -> (B, S, dim); freqs_cis: their RoPE
+        rows (S, head_dim // 2), computed here when not given."""
         bsz, seqlen = self._check_input(x, start_pos)
-        freqs = self.freqs_cis[start_pos:start_pos + seqlen]
+        freqs = self._freqs(freqs_cis, start_pos, seqlen, x.device)
         q = apply_rotary_emb(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), freqs)
         k = apply_rotary_emb(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), freqs)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)

@@ -5,15 +5,24 @@ Every token goes through the shared experts, plus the K_r routed experts its gat
     h' = u + sum_i FFN_shared_i(u) + sum_j g_j FFN_routed_j(u)                       (eq. 12)
     s_j = sigmoid(u . e_j)                                                           (eq. 15)
     chosen = top-K_r of s_j + b_j (within the token's best groups)                   (eq. 16)
-    g_j = route_scale * s_j / sum_{chosen} s                                         (eq. 13)
+    g_j = s_j / sum_{chosen} s                      (eqs. 13-14), then x route_scale
+
+`route_scale` (2.5 in V3) is not in the report's equations: it comes from DeepSeek's released config
+(`routed_scaling_factor`). Normalized sigmoid weights sum to 1 over the K_r chosen experts, so the routed
+part of the output would be small next to the shared expert's; the factor restores its scale.
 
 The bias b steers the choice only; the gating weights use the raw affinities. After each optimizer step
 `MoE.update_bias` nudges every b_j by gamma towards balance (section 2.1.2, "auxiliary-loss-free load
-balancing"). A tiny sequence-wise loss (eqs. 17-20) and, for baselines, a classic expert-level auxiliary
-loss are available through `ModelArgs.seq_aux_alpha` and `ModelArgs.aux_loss_alpha`.
+balancing"), from the expert load of that step. A tiny sequence-wise loss (eqs. 17-20) and, for
+baselines, a batch-wise auxiliary loss are available through `ModelArgs.seq_aux_alpha` and
+`ModelArgs.aux_loss_alpha`.
+
+Nothing here is remembered between calls: `MoE.forward` returns its output and the gate's `Routing`, from
+which the caller computes balance losses and expert loads.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -48,7 +57,9 @@ class Gate(nn.Module):
     """The router: affinities, bias-steered group-limited top-K selection, gating weights.
 
     `weight` is (n_routed_experts, dim); `bias` is the selection bias b of the auxiliary-loss-free
-    strategy, a parameter without gradient that only `MoE.update_bias` changes.
+    strategy, an FP32 parameter without gradient that only `MoE.update_bias` changes. Its steps (gamma =
+    0.001) are below BF16's resolution near 0.5, so keep the model's parameters in FP32 when training
+    (compute in BF16 with torch.autocast): `update_bias` refuses a bias of another dtype.
     """
 
     def __init__(self, args: ModelArgs):
@@ -61,27 +72,19 @@ class Gate(nn.Module):
         self.score_func = args.score_func
         self.route_scale = args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
-        self.bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+        self.reset_parameters()
 
-    def _apply(self, fn, recurse=True):
-        # The bias moves in steps of gamma (0.001), below bf16's resolution near 0.5 (0.002 to 0.004):
-        # Module.to(dtype) casts everything else, while the bias stays FP32 and only follows the device
-        # (leaving the meta device, to_empty, it starts at zero as in a new model).
-        bias = self._parameters.pop("bias")
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            device = self.weight.device
-            if bias.is_meta and device.type != "meta":
-                bias = nn.Parameter(torch.zeros_like(bias, device=device), requires_grad=False)
-            else:
-                bias.data = bias.data.to(device)
-            self._parameters["bias"] = bias
-        return self
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation for the router; a zero bias (no expert favoured)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Routing:
-        """Route x of shape (T, dim). Gating runs in FP32, as in the report's mixed-precision recipe."""
-        logits = F.linear(x.float(), self.weight.float())
+        """Route x of shape (T, dim). Gating runs in FP32, as in the report's mixed-precision recipe (also
+        under torch.autocast, which would otherwise run the router's matmul in lower precision)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         if self.score_func == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -113,14 +116,10 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE layer: shared experts on every token plus K_r routed experts chosen by the gate.
 
-    Dispatch sorts the (token, expert) pairs by expert, runs each expert once on its contiguous slice and
-    scatters the weighted results back; no token is dropped. After a forward in training mode `aux_loss`
-    holds seq_aux_alpha * sequence-wise loss + aux_loss_alpha * classic loss (a zero tensor when both are
-    0), and `expert_counts` has accumulated the tokens each expert received since the last `update_bias`.
-    `last_indices` keeps the routing of the latest forward (training or not) for load statistics.
+    Dispatch sorts the (token, expert) pairs by expert, runs each expert that received tokens once on its
+    contiguous slice and scatters the weighted results back; no token is dropped. `forward` returns the
+    output and the gate's `Routing`, from which `balance_loss` and `expert_load` are computed.
     """
-
-    expert_counts: Tensor
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -130,69 +129,55 @@ class MoE(nn.Module):
         # The N_s shared experts are fused into one MLP of N_s times the width (same parameters and output).
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
-        self.register_buffer("expert_counts", torch.zeros(args.n_routed_experts, dtype=torch.long),
-                             persistent=False)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.last_indices: Tensor | None = None  # (B*S, K)
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Weights ~ N(0, init_std) (report 4.2: 0.006); the selection bias starts at zero."""
-        for name, param in self.named_parameters():
-            if name == "gate.bias":
-                nn.init.zeros_(param)
-            else:
-                nn.init.normal_(param, mean=0.0, std=self.args.init_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.args.dim:
-            raise ValueError(f"MoE expects x of shape (batch, seq_len, {self.args.dim}), got {tuple(x.shape)}")
+    def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
+        """x (B, S, dim) -> the layer's output (B, S, dim) and the routing of its B * S tokens."""
+        if x.dim() != 3 or x.shape[-1] != self.args.dim or x.shape[0] * x.shape[1] == 0:
+            raise ValueError(f"MoE expects x of shape (batch, seq_len, {self.args.dim}) with at least one token, "
+                             f"got {tuple(x.shape)}")
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
         routing = self.gate(tokens)
-        counts = expert_load(routing.indices, self.args.n_routed_experts)
-        out = self._dispatch(tokens, routing.weights, routing.indices, counts)
+        out = self._dispatch(tokens, routing.weights, routing.indices)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
+        return out.view(batch, seq_len, dim), routing
 
-        self.last_indices = routing.indices.detach()
-        if self.training:
-            self.expert_counts += counts
-            self.aux_loss = self._balance_loss(routing, batch)
-        else:
-            self.aux_loss = x.new_zeros((), dtype=torch.float32)
-        return out.view(batch, seq_len, dim)
-
-    def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
-        """Sort the (token, expert) pairs by expert, run each expert once on its contiguous slice, and
-        scatter-add the weighted results back to their tokens. counts[e] = pairs routed to expert e."""
+    def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Sort the (token, expert) pairs by expert, run each expert that has pairs once on its contiguous
+        slice, and scatter-add the weighted results back to their tokens."""
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.shape[1]
-        chunks = tokens[token_of].split(counts.tolist())
-        routed = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        counts = expert_load(indices, len(self.experts)).tolist()
+        chunks = tokens[token_of].split(counts)
+        routed = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]])
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
-        return torch.zeros_like(tokens).index_add_(0, token_of, routed)
+        return routed.new_zeros(tokens.shape).index_add_(0, token_of, routed)
 
-    def _balance_loss(self, routing: Routing, batch: int) -> Tensor:
+    def balance_loss(self, routing: Routing, n_sequences: int) -> Tensor:
+        """seq_aux_alpha x the sequence-wise loss over `n_sequences` equal sequences (eqs. 17-20) plus
+        aux_loss_alpha x the same loss over the whole batch (a batch-wise auxiliary loss, for baselines)."""
         loss = routing.scores.new_zeros(())
         if self.args.seq_aux_alpha > 0:
-            loss = loss + self.args.seq_aux_alpha * balance_loss(routing.scores, routing.indices, batch)
+            loss = loss + self.args.seq_aux_alpha * balance_loss(routing.scores, routing.indices, n_sequences)
         if self.args.aux_loss_alpha > 0:
             loss = loss + self.args.aux_loss_alpha * balance_loss(routing.scores, routing.indices)
         return loss
 
     @torch.no_grad()
-    def update_bias(self, gamma: float | None = None) -> Tensor:
+    def update_bias(self, load: Tensor, gamma: float | None = None) -> None:
         """Auxiliary-loss-free balancing: b_i -= gamma for every overloaded expert (more tokens than the
-        mean since the last call), b_i += gamma for every underloaded one. Call after each optimizer step.
-        Returns the counts it used and resets them."""
+        mean of `load`, the tokens each expert received in the step), b_i += gamma for every underloaded
+        one. Call after each optimizer step; gamma defaults to `args.bias_update_speed`."""
         gamma = self.args.bias_update_speed if gamma is None else gamma
-        counts = self.expert_counts.clone()
-        if counts.sum() > 0:
-            load = counts.float()
-            self.gate.bias.add_(gamma * torch.sign(load.mean() - load))
-        self.expert_counts.zero_()
-        return counts
+        if load.shape != self.gate.bias.shape:
+            raise ValueError(f"load must have one count per routed expert {tuple(self.gate.bias.shape)}, "
+                             f"got {tuple(load.shape)}")
+        if self.gate.bias.dtype != torch.float32:
+            raise TypeError(f"gate.bias is {self.gate.bias.dtype}: steps of gamma ({gamma}) need FP32; keep the "
+                            f"parameters in FP32 and compute in lower precision with torch.autocast")
+        load = load.float()
+        self.gate.bias.add_(gamma * torch.sign(load.mean() - load))
 
 
 def balance_loss(scores: Tensor, indices: Tensor, n_sequences: int = 1) -> Tensor:
@@ -201,7 +186,8 @@ def balance_loss(scores: Tensor, indices: Tensor, n_sequences: int = 1) -> Tenso
     f_i = N_r / (K_r T) * (tokens of the slice routed to i) carries no gradient; P_i is the mean over the
     slice of the normalized affinity s_i / sum_j s_j. With n_sequences = batch size this is the report's
     complementary sequence-wise loss; with n_sequences = 1 it is the classic expert-level auxiliary loss
-    over the whole batch (the DeepSeek-V2 / Switch-style baseline). scores (T_total, N_r), indices
+    over the whole batch (a batch-wise auxiliary loss, as in Switch Transformer; DeepSeek-V2's
+    expert-level loss is the per-sequence form). scores (T_total, N_r), indices
     (T_total, K_r)."""
     n_tokens, n_experts = scores.shape
     k = indices.shape[-1]

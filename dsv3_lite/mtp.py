@@ -27,6 +27,7 @@ from torch import nn
 
 from dsv3_lite.block import Block
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.moe import Routing
 from dsv3_lite.norm import RMSNorm
 
 
@@ -43,34 +44,41 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)
-        nn.init.normal_(self.eh_proj.weight, mean=0.0, std=args.init_std)
         self.block = Block(args, moe=args.n_moe_layers > 0)
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.embed = embed
         self.head = head
 
-    def forward(self, h_prev: torch.Tensor, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """h^k (B, S, dim) from h^{k-1} at positions start_pos.. and the tokens k places ahead of them."""
+    def forward(self, h_prev: torch.Tensor, tokens: torch.Tensor, start_pos: int = 0,
+                freqs_cis: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+        """h^k (B, S, dim) from h^{k-1} at positions start_pos.. and the tokens k places ahead of them, and
+        the routing of its block's MoE (None if dense)."""
         if h_prev.shape[:2] != tokens.shape:
             raise ValueError(f"h_prev {tuple(h_prev.shape)} and tokens {tuple(tokens.shape)} must cover the same "
                              f"(batch, positions)")
         x = self.eh_proj(torch.cat([self.enorm(self.embed(tokens)), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(x, start_pos))
+        h, routing = self.block(x, start_pos, freqs_cis)
+        return self.norm(h), routing
 
 
-def mtp_chain(modules: Sequence[MTPModule], h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Training-time pass through all D depths: logits of depth k for positions 0 .. T-1-k.
+def mtp_chain(modules: Sequence[MTPModule], h: torch.Tensor, tokens: torch.Tensor,
+              freqs_cis: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[Routing | None]]:
+    """Training-time pass through all D depths: logits of depth k for positions 0 .. T-1-k, and each
+    depth's MoE routing.
 
     h is the main model's h^0 for tokens t_0 .. t_{T-1} (B, T, dim); depth k reads h^{k-1} at positions
-    0 .. T-1-k and tokens t_k .. t_{T-1}, and its logits at position i predict t_{i+k+1}.
+    0 .. T-1-k and tokens t_k .. t_{T-1}, and its logits at position i predict t_{i+k+1}. `freqs_cis`: the
+    RoPE rows of positions 0 .. T-1 (computed by each module when not given).
     """
     if len(modules) >= tokens.shape[1]:
         raise ValueError(f"sequence length ({tokens.shape[1]}) must exceed the MTP depth ({len(modules)})")
-    logits = []
+    logits, routings = [], []
     for k, module in enumerate(modules, start=1):
-        h = module(h[:, :-1], tokens[:, k:])
+        rows = None if freqs_cis is None else freqs_cis[:tokens.shape[1] - k]
+        h, routing = module(h[:, :-1], tokens[:, k:], 0, rows)
         logits.append(module.head(h))
-    return logits
+        routings.append(routing)
+    return logits, routings
 
 
 def mtp_loss(logits: Sequence[torch.Tensor], targets: torch.Tensor,

@@ -48,10 +48,17 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return freqs
 
 
-def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
-    """e^{i m f_i} for every position m < max_seq_len: complex64 of shape (max_seq_len, qk_rope_head_dim // 2)."""
-    freqs = rope_frequencies(args)
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
+def precompute_freqs_cis(args: ModelArgs, start_pos: int = 0, seqlen: int | None = None,
+                         device: torch.device | str | None = None) -> torch.Tensor:
+    """e^{i m f_i} for the positions m in [start_pos, start_pos + seqlen) (default: every position up to
+    max_seq_len): complex64 of shape (seqlen, qk_rope_head_dim // 2).
+
+    A function of the configuration, not a weight: the `Transformer` computes the rows it needs once per
+    forward, in FP32 on the input's device, and hands them to every layer.
+    """
+    seqlen = args.max_seq_len - start_pos if seqlen is None else seqlen
+    freqs = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(start_pos, start_pos + seqlen, dtype=torch.float32, device=device), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
 

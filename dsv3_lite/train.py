@@ -173,3 +173,32 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
             bar.set_postfix(train=f"{value:.3f}", val=f"{history.val_loss[-1][1]:.3f}")
     bar.close()
     return history
+
+
+class TrainingLoss:
+    """`loss_fn` for `train_lm` with a `dsv3_lite.model.Transformer`: `Transformer.loss` with a fixed MTP
+    weight lambda. It records each step's main loss, per-depth MTP losses and expert load, and its
+    `update_bias` is the matching `on_step` hook (the auxiliary-loss-free bias update from the step's load):
+
+        loss = TrainingLoss(mtp_lambda=0.3)
+        train_lm(model, corpus, steps, loss_fn=loss, on_step=loss.update_bias)
+    """
+
+    def __init__(self, mtp_lambda: float = 0.0):
+        self.mtp_lambda = mtp_lambda
+        self.main: list[float] = []
+        self.mtp_depths: list[list[float]] = []
+        self.expert_loads: list[torch.Tensor] = []  # per step: (n MoE layers, n_routed_experts)
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        parts = model.loss(tokens, targets, self.mtp_lambda)
+        self.main.append(parts.main.item())
+        self.mtp_depths.append([d.item() for d in parts.mtp_depths])
+        self.expert_loads.append(parts.expert_load)
+        return parts.total
+
+    def update_bias(self, model: nn.Module, step: int | None = None) -> None:
+        """`on_step` hook: `model.update_bias` with the load of the step just taken."""
+        if not self.expert_loads:
+            raise RuntimeError("update_bias needs a step's expert load: call the loss first")
+        model.update_bias(self.expert_loads[-1])

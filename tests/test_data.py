@@ -118,3 +118,38 @@ def test_any_local_text_file(tmp_path):
     assert len(corpus.train) + len(corpus.val) == 30 + sum(
         len(f"Paragraph {i}: 你好, world.".encode()) for i in range(30))
 
+
+
+def test_text_file_errors_name_the_file_and_the_rule(tmp_path):
+    few = tmp_path / "few.txt"
+    few.write_text("one paragraph\nstill the same one\n\nanother", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"few.txt: 2 paragraphs, but at least val_every \(10\).*blank lines"):
+        Corpus.from_text_file(few)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("\n\n".join(["café"] * 20).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(byte 3 is b'\\xe9'\)"):
+        Corpus.from_text_file(latin)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(f"p{i}" for i in range(10)).encode())
+    corpus = Corpus.from_text_file(bom)  # the byte-order mark is not text, CRLF blank lines separate too
+    assert corpus.tokenizer.decode(corpus.train[:3]) == "p0<|endoftext|>"
+
+
+def test_default_corpus_copies_are_independent():
+    a, b = Corpus.default(), Corpus.default()
+    assert a is not b and torch.equal(a.train, b.train)
+    a.train[:100] = 0
+    assert not torch.equal(a.train[:100], b.train[:100]) and Corpus.default().train[:100].ne(0).any()
+
+
+def test_the_corpus_encodes_with_its_tokenizer():
+    class Words:  # a word-level tokenizer: any object with encode, eot_id and vocab_size will do
+        vocab = {"hello": 0, "world": 1, "again": 2}
+        eot_id, vocab_size = 3, 4
+
+        def encode(self, text):
+            return [self.vocab[w] for w in text.split()]
+
+    corpus = Corpus([Document("text", "hello world again")] * 10, tokenizer=Words())
+    assert corpus.train[:4].tolist() == [0, 1, 2, 3] and len(corpus.train) == 9 * 4
+    assert corpus.train_domains.shape == corpus.train.shape

@@ -80,7 +80,7 @@ def test_mtp_layers_equal_transformers():
     with torch.no_grad():
         h0 = hf.model(tokens, use_cache=False).last_hidden_state
         ref = hf_mtp.forward_layer(0, h0[:, :-1], torch.arange(23)[None], None, input_ids=tokens[:, 1:])
-        got = ours.mtp[0](ours.hidden_states(tokens)[:, :-1], tokens[:, 1:])
+        got, _ = ours.mtp[0](ours.hidden_states(tokens)[0][:, :-1], tokens[:, 1:])
     error = (got - ref).abs().max().item()
     print(f"max |MTP module output - transformers' MtpModel layer| = {error:.2e}")  # shown by `pytest -rP`
     assert error < 1e-4

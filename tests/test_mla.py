@@ -6,6 +6,7 @@ from dsv3_lite.cache_size import gqa_cache_elems, mha_cache_elems, mla_cache_ele
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.hf import rope_rows_to_half_split
 from dsv3_lite.mla import GQA, MHA, MLA, MQA, causal_mask
+from dsv3_lite.rope import precompute_freqs_cis
 
 # A larger init than the tiny preset's so outputs are O(1) and tolerances mean something.
 ARGS = ModelArgs.tiny(init_std=0.2, max_seq_len=64, original_seq_len=64, max_batch_size=4)
@@ -16,6 +17,10 @@ def mla_pair(args: ModelArgs = ARGS, seed: int = 0) -> tuple[MLA, MLA]:
     """The same weights behind the naive and the absorbed path."""
     torch.manual_seed(seed)
     naive = MLA(args.replace(attn_impl="naive"))
+    with torch.no_grad():
+        for name, p in naive.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, args.init_std)
     absorb = MLA(args.replace(attn_impl="absorb"))
     absorb.load_state_dict(naive.state_dict())
     return naive, absorb
@@ -43,16 +48,29 @@ def test_parameter_count_and_names(q_lora_rank):
     assert set(mla.state_dict()) == {n for n, _ in mla.named_parameters()}  # rope table and cache not saved
 
 
-def test_init_std():
-    torch.manual_seed(0)
-    args = ModelArgs.tiny(dim=256, kv_lora_rank=128, init_std=0.006)
-    assert MLA(args).wkv_b.weight.std().item() == pytest.approx(0.006, rel=0.05)
-
-
-def test_rope_table_survives_dtype_casts():
+def test_rope_rows_are_computed_not_stored():
     mla = MLA(ARGS).to(torch.bfloat16)
-    assert mla.freqs_cis.dtype == torch.complex64 and mla.wo.weight.dtype == torch.bfloat16
-    assert mla(torch.randn(1, 3, ARGS.dim, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert dict(mla.named_buffers()) == {}  # no per-layer rope table: the rows are an argument of forward
+    x = torch.randn(2, 5, ARGS.dim)
+    mla = MLA(ARGS)
+    with torch.no_grad():
+        own = mla(x, start_pos=3)
+        given = mla(x, 3, precompute_freqs_cis(ARGS)[3:8])
+    torch.testing.assert_close(own, given, rtol=0, atol=0)
+    assert MLA(ARGS).to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_training_with_an_allocated_cache_is_refused():
+    mla = MLA(ARGS)
+    mla.allocate_cache(1)
+    x = torch.randn(1, 4, ARGS.dim)
+    with pytest.raises(RuntimeError, match=r"KV cache is allocated.*free_cache\(\) before training"):
+        mla(x)
+    with torch.no_grad():
+        mla(x)  # decoding is what the cache is for
+    mla.free_cache()
+    mla(x).sum().backward()  # and without it, gradients reach the latent projection and its norm
+    assert mla.wkv_a.weight.grad.abs().sum() > 0 and mla.kv_norm.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------- naive == absorb paths
@@ -124,6 +142,12 @@ def test_causal_mask_uses_absolute_positions():
     mask = causal_mask(q_start=3, n_q=2, k_start=0, n_k=5)
     assert torch.isinf(mask).tolist() == [[False] * 4 + [True], [False] * 5]
     assert causal_mask(q_start=7, n_q=1, k_start=0, n_k=8) is None
+    for q_start, n_q, k_start, n_k in [(0, 4, 0, 4), (5, 1, 0, 6), (5, 3, 0, 8), (2, 2, 2, 2), (4, 1, 2, 3)]:
+        mask = causal_mask(q_start, n_q, k_start, n_k)
+        future = torch.arange(k_start, k_start + n_k)[None] > torch.arange(q_start, q_start + n_q)[:, None]
+        assert (mask is None) == (not future.any())  # None exactly when nothing is masked
+        if mask is not None:
+            assert torch.equal(torch.isinf(mask), future)
 
 
 # ------------------------------------------------------------------------------------------------ the cache

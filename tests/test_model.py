@@ -3,13 +3,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dsv3_lite.block import Block
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
-from dsv3_lite.model import Block, RMSNorm, Transformer, TrainingLoss
-from dsv3_lite.moe import MLP, MoE
-from dsv3_lite.norm import RMSNorm as NormRMSNorm
-from dsv3_lite.train import train_lm
+from dsv3_lite.model import Transformer
+from dsv3_lite.moe import MLP, MoE, balance_loss, expert_load
+from dsv3_lite.mtp import mtp_chain
+from dsv3_lite.train import TrainingLoss, train_lm
 
 ARGS = ModelArgs.tiny(max_seq_len=64, original_seq_len=64, max_batch_size=4, vocab_size=80)
 
@@ -21,7 +23,6 @@ def build(args: ModelArgs = ARGS, seed: int = 0) -> Transformer:
 
 def test_structure_follows_the_config():
     model = build(ARGS.replace(n_layers=4, n_dense_layers=2, mtp_depth=2))
-    assert RMSNorm is NormRMSNorm
     assert [type(b.ffn) for b in model.layers] == [MLP, MLP, MoE, MoE]
     assert all(isinstance(b, Block) for b in model.layers)
     assert len(model.mtp) == 2 and all(isinstance(m.block.ffn, MoE) for m in model.mtp)
@@ -48,11 +49,33 @@ def test_a_model_built_on_meta_materializes_and_loads_weights():
     with torch.device("meta"):
         model = Transformer(ARGS)
     model.to_empty(device="cpu")
-    model.load_state_dict(reference.state_dict())  # the rope tables are rebuilt, not loaded
+    model.load_state_dict(reference.state_dict())
     assert model.mtp[0].embed is model.embed and model.layers[-1].ffn.gate.bias.dtype == torch.float32
     tokens = torch.randint(0, ARGS.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(tokens), reference(tokens), rtol=0, atol=0)
+
+
+def test_init_weights_draws_every_matrix_from_n_0_init_std():
+    args = ARGS.replace(dim=128, init_std=0.006, mtp_depth=1)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()  # materialise a model built on the meta device
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("gate.bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert abs(p.std().item() - 0.006) < 0.1 * 0.006 and abs(p.mean().item()) < 0.006, name
+
+
+def test_a_model_too_big_for_memory_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match=r"671,026,419,200 parameters.*ModelArgs.tiny\(\).*meta device"):
+        Transformer(ModelArgs.deepseek_v3(mtp_depth=0))
+    with torch.device("meta"):
+        assert Transformer(ModelArgs.deepseek_v3(n_layers=4)).num_params() > 0
 
 
 def test_logits_shape_and_mtp_modules_do_not_touch_the_main_model():
@@ -118,23 +141,63 @@ def test_int32_tokens_work():
         torch.testing.assert_close(model(tokens.int()), model(tokens))
 
 
-def test_loss_parts_add_up_and_bias_update_reaches_every_moe():
-    model = build(ARGS.replace(mtp_depth=2, seq_aux_alpha=0.01)).train()
+def test_loss_parts_match_an_independent_computation():
+    args = ARGS.replace(mtp_depth=2, seq_aux_alpha=0.01, aux_loss_alpha=0.003)
+    model = build(args).train()
     x = torch.randint(0, ARGS.vocab_size, (2, 16))
     y = torch.randint(0, ARGS.vocab_size, (2, 16))
     parts = model.loss(x, y, mtp_lambda=0.3)
-    torch.testing.assert_close(parts.total, parts.main + parts.mtp + parts.balance)
-    assert len(parts.mtp_depths) == 2 and parts.balance > 0 and parts.mtp > 0
-    model.update_bias()
-    assert all(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())  # MTP modules' MoE included
+    main = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    h, routings = model.hidden_states(x)
+    logits, mtp_routings = mtp_chain(model.mtp, h, x)
+    # eq. 25: lambda / D * sum over depths of the summed log-loss of depth k, over T = 16 (eq. 24)
+    mtp = 0.3 / 2 * sum(F.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten(), reduction="sum") / y.numel()
+                        for k, lg in enumerate(logits, start=1))
+    every = routings + mtp_routings
+    balance = sum(0.01 * balance_loss(r.scores, r.indices, 2) + 0.003 * balance_loss(r.scores, r.indices)
+                  for r in every)
+    for got, want in [(parts.main, main), (parts.mtp, mtp), (parts.balance, balance),
+                      (parts.total, main + mtp + balance)]:
+        torch.testing.assert_close(got, want)
+    assert len(parts.mtp_depths) == 2 and len(every) == len(model.moe_layers()) == 4
+    # the expert load: K_r choices per token of each layer; the MTP depths see T - k positions
+    per_token = ARGS.n_activated_experts
+    assert parts.expert_load.sum(1).tolist() == [2 * 16 * per_token] * 2 + [2 * 15 * per_token, 2 * 14 * per_token]
+    assert torch.equal(parts.expert_load[0], expert_load(routings[0].indices, ARGS.n_routed_experts))
     parts.total.backward()
+    # without MTP: its rows are zero, its balance losses absent; in eval mode no balance loss at all
     no_mtp = model.loss(x, y, mtp_lambda=0.0)
-    assert no_mtp.mtp == 0 and no_mtp.mtp_depths == []
-    # the skipped MTP modules' balance losses (from the step before) must not leak into this one
-    main_moe = model.moe_layers(mtp=False)
-    assert len(main_moe) < len(model.moe_layers())
-    torch.testing.assert_close(no_mtp.balance, sum(m.aux_loss for m in main_moe))
-    no_mtp.total.backward()  # a stale graph from the previous step would fail here
+    assert no_mtp.mtp == 0 and no_mtp.mtp_depths == [] and no_mtp.expert_load[2:].sum() == 0
+    torch.testing.assert_close(no_mtp.balance, sum(0.01 * balance_loss(r.scores, r.indices, 2)
+                                                   + 0.003 * balance_loss(r.scores, r.indices) for r in routings))
+    no_mtp.total.backward()  # a stale graph from the previous call would fail here
+    assert model.eval().loss(x, y, 0.3).balance == 0
+
+
+def test_bias_update_follows_each_layers_load():
+    model = build(ARGS.replace(mtp_depth=1, bias_update_speed=0.01))
+    load = torch.zeros(len(model.moe_layers()), ARGS.n_routed_experts, dtype=torch.long)
+    load[0] = torch.tensor([9, 1, 5, 5, 5, 5, 5, 5])  # mean 5: expert 0 over, expert 1 under
+    load[-1, 3] = 8  # the MTP module's MoE: expert 3 over, the rest under
+    model.update_bias(load)
+    biases = [m.gate.bias for m in model.moe_layers()]
+    torch.testing.assert_close(biases[0], torch.tensor([-0.01, 0.01, 0, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(biases[1], torch.zeros(8))  # a layer with no tokens keeps its bias
+    torch.testing.assert_close(biases[-1], torch.tensor([0.01, 0.01, 0.01, -0.01, 0.01, 0.01, 0.01, 0.01]))
+    with pytest.raises(ValueError, match=r"expert_load must be \(n MoE layers, n_routed_experts\) = \(3, 8\)"):
+        model.update_bias(load[:2])
+
+
+def test_a_model_holds_no_rope_tables_and_trains_after_decoding():
+    model = build(ARGS.replace(mtp_depth=1))
+    assert dict(model.named_buffers()) == {}
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 8))
+    model.allocate_cache(1)
+    with pytest.raises(RuntimeError, match=r"KV cache is allocated"):
+        model.loss(tokens, tokens)
+    model.free_cache()
+    model.train().loss(tokens, tokens, 0.3).total.backward()
+    assert all(layer.attn.wkv_a.weight.grad.abs().sum() > 0 for layer in model.layers)
 
 
 @pytest.fixture
@@ -153,7 +216,8 @@ def test_the_model_trains_below_the_unigram_entropy(one_thread):
     model = Transformer(ModelArgs.tiny(mtp_depth=1))
     loss_fn = TrainingLoss(mtp_lambda=0.3)
     history = train_lm(model, corpus, steps=60, batch_size=16, seq_len=64, lr=5e-3, loss_fn=loss_fn,
-                       on_step=lambda m, _: m.update_bias(), eval_batches=2, progress=False)
+                       on_step=loss_fn.update_bias, eval_batches=2, progress=False)
     assert math.isfinite(history.final_val_loss)
     assert history.final_val_loss < unigram - 1.0
     assert loss_fn.mtp_depths[-1][0] < unigram - 0.5  # the MTP module learned too
+    assert len(loss_fn.expert_loads) == 60 and all(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())

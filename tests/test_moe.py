@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.moe import (MLP, Gate, MoE, balance_loss, expert_load, groups_touched, max_violation)
+from dsv3_lite.moe import MLP, Gate, MoE, Routing, balance_loss, expert_load, groups_touched, max_violation
 
 
 def small_args(**overrides) -> ModelArgs:
@@ -21,6 +21,8 @@ def random_moe(args: ModelArgs, seed: int = 0) -> MoE:
     torch.manual_seed(seed)
     moe = MoE(args)
     with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, args.init_std)
         moe.gate.bias.normal_(0.0, 0.1)
     return moe
 
@@ -116,7 +118,7 @@ def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 def test_moe_matches_per_token_reference(n_shared):
     moe = random_moe(small_args(n_shared_experts=n_shared))
     x = torch.randn(3, 10, moe.args.dim)
-    torch.testing.assert_close(moe(x), dense_reference(moe, x))
+    torch.testing.assert_close(moe(x)[0], dense_reference(moe, x))
 
 
 def test_shared_experts_always_applied():
@@ -127,41 +129,66 @@ def test_shared_experts_always_applied():
     x = torch.randn(2, 7, moe.args.dim)
     shared = moe.shared_experts(x)
     assert shared.abs().min() > 0
-    torch.testing.assert_close(moe(x), shared)
+    torch.testing.assert_close(moe(x)[0], shared)
 
 
 def test_backward_reaches_gate_experts_and_shared():
     moe = random_moe(small_args(seq_aux_alpha=0.01))
     moe.train()
     x = torch.randn(2, 16, moe.args.dim, requires_grad=True)
-    (moe(x).square().sum() + moe.aux_loss).backward()
+    out, routing = moe(x)
+    (out.square().sum() + moe.balance_loss(routing, n_sequences=2)).backward()
     assert x.grad is not None and moe.gate.weight.grad.abs().sum() > 0
     assert moe.shared_experts.w1.weight.grad.abs().sum() > 0
-    used = expert_load(moe.last_indices, moe.args.n_routed_experts) > 0
+    used = expert_load(routing.indices, moe.args.n_routed_experts) > 0
     for expert, hit in zip(moe.experts, used.tolist()):
-        assert (expert.w1.weight.grad.abs().sum() > 0) == hit
+        grad = expert.w1.weight.grad  # an expert without tokens does not run: it gets no gradient at all
+        assert (grad is not None and bool(grad.abs().sum() > 0)) == hit
     assert moe.gate.bias.grad is None and not moe.gate.bias.requires_grad
 
 
 def test_gradients_match_per_token_reference():
     moe = random_moe(small_args())
     x = torch.randn(2, 5, moe.args.dim)
-    moe(x).sum().backward()
-    fast = [p.grad.clone() for p in moe.parameters() if p.requires_grad]
+    moe(x)[0].sum().backward()
+    fast = [p.grad for p in moe.parameters() if p.requires_grad]
     moe.zero_grad()
     dense_reference(moe, x).sum().backward()
     for g, p in zip(fast, (p for p in moe.parameters() if p.requires_grad)):
-        torch.testing.assert_close(g, p.grad)
+        assert (g is None) == (p.grad is None)  # an unused expert has no gradient on either path
+        if g is not None:
+            torch.testing.assert_close(g, p.grad)
 
 
 def test_parameter_count_and_init():
     for args in [small_args(), ModelArgs.tiny(), small_args(n_shared_experts=0), small_args(n_shared_experts=2)]:
         moe = MoE(args)
         assert sum(p.numel() for p in moe.parameters()) == args.moe_params()
-    args = small_args(init_std=0.006, n_routed_experts=64, n_expert_groups=8, dim=64, moe_inter_dim=64)
-    moe = MoE(args)
-    assert abs(moe.experts[0].w1.weight.std().item() - 0.006) < 0.0005
+    moe = MoE(small_args(n_routed_experts=64, n_expert_groups=8, dim=64))
+    # on its own, the router takes nn.Linear's default init (U(-1/sqrt(dim), 1/sqrt(dim))), like the experts
+    assert moe.gate.weight.abs().max() <= 64 ** -0.5 and moe.gate.weight.std() > 0.5 * (3 * 64) ** -0.5
     assert torch.equal(moe.gate.bias, torch.zeros(64))
+
+
+def test_forward_leaves_no_state_behind():
+    moe = random_moe(small_args()).train()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    attributes = set(vars(moe))
+    moe(torch.randn(2, 8, moe.args.dim))
+    assert set(vars(moe)) == attributes and set(moe.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in moe.state_dict().items())
+
+
+def test_experts_without_tokens_do_not_run():
+    moe = random_moe(small_args(n_expert_groups=1, n_limited_groups=1))
+    calls = []
+    for j, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda module, args, out, j=j: calls.append(j))
+    with torch.no_grad():
+        moe.gate.bias.zero_()
+        moe.gate.bias[[2, 5, 7]] = 100.0  # every token picks experts 2, 5 and 7
+        moe(torch.randn(2, 6, moe.args.dim))
+    assert calls == [2, 5, 7]
 
 
 def test_mlp_is_swiglu():
@@ -181,40 +208,31 @@ def test_wrong_input_shape_raises():
 
 
 # -------------------------------------------------------------------------------------------- balancing
-def test_update_bias_moves_towards_balance_and_resets():
+def test_update_bias_moves_towards_balance():
     moe = MoE(small_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1,
                          bias_update_speed=0.01))
-    moe.expert_counts.copy_(torch.tensor([10, 2, 4, 4]))  # mean 5
-    counts = moe.update_bias()
-    assert counts.tolist() == [10, 2, 4, 4]
-    torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    assert moe.expert_counts.sum() == 0
-    moe.update_bias(gamma=0.5)  # nothing counted since: nothing moves
-    torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    moe.update_bias(torch.tensor([10, 2, 5, 3]))  # mean 5: expert 0 overloaded, 1 and 3 under, 2 exact
+    torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.0, 0.01]))
+    moe.update_bias(torch.zeros(4, dtype=torch.long), gamma=0.5)  # a layer that saw no token keeps its bias
+    torch.testing.assert_close(moe.gate.bias, torch.tensor([-0.01, 0.01, 0.0, 0.01]))
+    with pytest.raises(ValueError, match=r"one count per routed expert \(4,\)"):
+        moe.update_bias(torch.zeros(5))
 
 
-def test_bias_stays_fp32_when_the_model_is_cast_to_bf16():
+def test_bias_update_needs_an_fp32_bias():
     moe = MoE(small_args(bias_update_speed=0.001)).to(torch.bfloat16)
-    assert moe.gate.weight.dtype == torch.bfloat16 and moe.gate.bias.dtype == torch.float32
-    assert [name for name, _ in moe.gate.named_parameters()] == ["weight", "bias"]
-    moe.gate.bias.data.fill_(0.5)  # bf16 steps are 0.002-0.004 here: a 0.001 update would be lost
-    moe.expert_counts[0] = 5
-    moe.update_bias()
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    assert moe(x)[0].dtype == torch.bfloat16  # a cast model still runs (gating in FP32)
+    with pytest.raises(TypeError, match=r"gate.bias is torch.bfloat16.*autocast"):
+        moe.update_bias(torch.tensor([5] + [0] * 11))
+    moe = MoE(small_args(bias_update_speed=0.001))
+    with torch.no_grad():
+        moe.gate.bias.fill_(0.5)  # bf16 steps are 0.002-0.004 here: a 0.001 update would be lost
+    moe.update_bias(torch.tensor([5] + [0] * 11))
     assert moe.gate.bias[0].item() == pytest.approx(0.499) and moe.gate.bias[1].item() == pytest.approx(0.501)
-    moe(torch.randn(2, 3, 16, dtype=torch.bfloat16))  # still runs
-
-
-def test_counts_accumulate_only_in_training():
-    moe = random_moe(small_args())
-    x = torch.randn(2, 8, moe.args.dim)
-    moe.eval()
-    moe(x)
-    assert moe.expert_counts.sum() == 0
-    moe.train()
-    moe(x)
-    moe(x)
-    assert moe.expert_counts.sum() == 2 * 16 * moe.args.n_activated_experts
-    assert torch.equal(moe.expert_counts, 2 * expert_load(moe.last_indices, moe.args.n_routed_experts))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, routing = moe(x.float())
+    assert out.dtype == torch.bfloat16 and routing.scores.dtype == torch.float32
 
 
 def test_bias_update_drives_maxvio_down_on_a_skewed_router():
@@ -229,8 +247,9 @@ def test_bias_update_drives_maxvio_down_on_a_skewed_router():
     for _ in range(300):
         x = torch.randn(4, 32, args.dim, generator=generator) + 1.0
         with torch.no_grad():
-            moe(x)
-        vio.append(max_violation(moe.update_bias(gamma=0.01)))
+            load = expert_load(moe(x)[1].indices, args.n_routed_experts)
+        moe.update_bias(load, gamma=0.01)
+        vio.append(max_violation(load))
     start, end = sum(vio[:5]) / 5, sum(vio[-20:]) / 20
     assert start > 2.0
     assert end < 0.25 * start
@@ -257,19 +276,19 @@ def test_balance_loss_formula():
         balance_loss(scores, indices[:3])
 
 
-def test_aux_loss_combines_the_two_alphas():
-    x = torch.randn(3, 8, 16)
+def test_balance_loss_weighs_the_sequence_wise_and_batch_wise_losses():
+    # Two sequences of two tokens, four experts, K = 1; each row of scores already sums to 1.
+    args = small_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=1)
+    scores = torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    routing = Routing(torch.ones(4, 1), torch.tensor([[0], [1], [2], [0]]), scores)
+    # sequence-wise: f = 4/(1*2) * counts per sequence; P = the sequence's mean normalized score
+    seq = (2 * (0.6 + 0.5) / 2 + 2 * (0.2 + 0.5) / 2 + 2 * (0.1 + 0.25) / 2 + 2 * (0.4 + 0.25) / 2) / 2
+    # batch-wise: f = 4/(1*4) * counts over the batch, P = the batch's mean normalized score
+    batch = 2 * (0.6 + 0.5 + 0.1 + 0.25) / 4 + 1 * (0.2 + 0.5 + 0.1 + 0.25) / 4 + 1 * (0.1 + 0.4 + 0.25) / 4
     for seq_alpha, aux_alpha in [(0.0, 0.0), (0.001, 0.0), (0.0, 0.01), (0.001, 0.01)]:
-        moe = random_moe(small_args(seq_aux_alpha=seq_alpha, aux_loss_alpha=aux_alpha))
-        moe.train()
-        moe(x)
-        _, indices, scores = moe.gate(x.view(-1, 16))
-        expected = (seq_alpha * balance_loss(scores, indices, 3) + aux_alpha * balance_loss(scores, indices))
-        assert moe.aux_loss.dim() == 0
-        torch.testing.assert_close(moe.aux_loss, expected)
-        moe.eval()
-        moe(x)
-        assert moe.aux_loss.item() == 0.0
+        moe = MoE(args.replace(seq_aux_alpha=seq_alpha, aux_loss_alpha=aux_alpha))
+        loss = moe.balance_loss(routing, n_sequences=2)
+        assert loss.dim() == 0 and loss.item() == pytest.approx(seq_alpha * seq + aux_alpha * batch)
 
 
 def test_statistics():
@@ -325,6 +344,6 @@ def test_parity_with_transformers_deepseek_v3_moe():
         ours = moe.gate(x.view(-1, args.dim))
         assert torch.equal(peer_indices.sort(-1).values, ours.indices.sort(-1).values)
         assert groups_touched(ours.indices, 16, 4).max() <= 2
-        ours_out, peer_out = moe(x), peer(x)
+        ours_out, peer_out = moe(x)[0], peer(x)
     print(f"max |MoE - DeepseekV3MoE| = {(ours_out - peer_out).abs().max().item():.2e}")  # shown by `pytest -rP`
     torch.testing.assert_close(ours_out, peer_out, atol=1e-5, rtol=1e-5)

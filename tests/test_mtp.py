@@ -44,7 +44,7 @@ def test_chain_shapes_and_loss_formula():
     B, T, V = 2, 10, ARGS.vocab_size
     x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     with torch.no_grad():
-        logits = mtp_chain(model.mtp, model.hidden_states(x), x)
+        logits = mtp_chain(model.mtp, model.hidden_states(x)[0], x)[0]
     assert [tuple(lg.shape) for lg in logits] == [(B, T - 1, V), (B, T - 2, V)]
     # eq. 24-25: depth k at position i is scored on t_{i+k+1} = y[:, i+k]; each depth's sum divided by T
     expected = 0.0
@@ -55,7 +55,7 @@ def test_chain_shapes_and_loss_formula():
     for k, (lg, mean) in enumerate(zip(logits, depth_means), start=1):  # each depth's own mean cross-entropy
         torch.testing.assert_close(mean, F.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten()))
     with pytest.raises(ValueError, match="MTP depth"):
-        mtp_chain(model.mtp, model.hidden_states(x[:, :2]), x[:, :2])
+        mtp_chain(model.mtp, model.hidden_states(x[:, :2])[0], x[:, :2])
 
 
 def test_the_chain_is_causal():
@@ -66,8 +66,8 @@ def test_the_chain_is_causal():
     j = 8
     changed[0, j] = (x[0, j] + 1) % ARGS.vocab_size
     with torch.no_grad():
-        before = mtp_chain(model.mtp, model.hidden_states(x), x)
-        after = mtp_chain(model.mtp, model.hidden_states(changed), changed)
+        before = mtp_chain(model.mtp, model.hidden_states(x)[0], x)[0]
+        after = mtp_chain(model.mtp, model.hidden_states(changed)[0], changed)[0]
     for k, (b, a) in enumerate(zip(before, after), start=1):
         unaffected = j - k  # positions i < j - k never see t_j
         torch.testing.assert_close(a[:, :unaffected], b[:, :unaffected])
