@@ -19,7 +19,7 @@ import torch
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import Transformer
-from dsv3_lite.train import evaluate, train_lm
+from dsv3_lite.train import TrainingLoss, evaluate, train_lm
 
 
 def main() -> None:
@@ -48,15 +48,18 @@ def main() -> None:
     print(f"{'step':>6} {'val loss':>9} " + " ".join(f"{d:>10}" for d in corpus.domains) + f" {'seconds':>8}")
     start = time.perf_counter()
 
+    loss = TrainingLoss()
+
     def report(model: Transformer, step: int) -> None:
-        model.update_bias()  # auxiliary-loss-free balancing, as in training the real model
+        loss.update_bias(model, step)  # auxiliary-loss-free balancing, as in training the real model
         if (step + 1) % opts.eval_every and step + 1 != opts.steps:
             return
         val, per_domain = evaluate(model, corpus, "val", opts.batch, opts.seq_len, by_domain=True)
         print(f"{step + 1:>6} {val:>9.3f} " + " ".join(f"{per_domain[d]:>10.3f}" for d in corpus.domains)
               + f" {time.perf_counter() - start:>8.0f}", flush=True)
 
-    train_lm(model, corpus, opts.steps, opts.batch, opts.seq_len, lr=opts.lr, on_step=report, progress=False)
+    train_lm(model, corpus, opts.steps, opts.batch, opts.seq_len, lr=opts.lr, loss_fn=loss, on_step=report,
+             progress=False)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from dsv3_lite.moe import MLP, MoE
 
 
 def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 3) -> float:
-    """Median seconds of one forward + backward."""
+    """Median seconds of one forward + backward (of the output; a MoE also returns its routing)."""
     samples = []
     for i in range(warmup + repeats):
         module.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        module(x).square().mean().backward()
+        out = module(x)
+        (out[0] if isinstance(module, MoE) else out).square().mean().backward()
         if i >= warmup:
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)

@@ -19,8 +19,8 @@ import torch
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
 from dsv3_lite.generate import compare_decoding
-from dsv3_lite.model import Transformer, TrainingLoss
-from dsv3_lite.train import train_lm
+from dsv3_lite.model import Transformer
+from dsv3_lite.train import TrainingLoss, train_lm
 
 
 def validation_prompts(corpus: Corpus, per_domain: int, length: int) -> torch.Tensor:
@@ -52,9 +52,9 @@ def main() -> None:
     torch.manual_seed(opts.seed)
     model = Transformer(args)
     start = time.perf_counter()
+    loss = TrainingLoss(opts.mtp_lambda)
     history = train_lm(model, corpus, steps=opts.steps, batch_size=16, seq_len=64, lr=5e-3, seed=opts.seed,
-                       loss_fn=TrainingLoss(opts.mtp_lambda), on_step=lambda m, _: m.update_bias(),
-                       progress=False)
+                       loss_fn=loss, on_step=loss.update_bias, progress=False)
     print(f"trained {model.num_params():,} + {opts.depth} x {args.mtp_module_params():,} (MTP) parameters "
           f"for {opts.steps} steps in {time.perf_counter() - start:.0f} s; main val loss "
           f"{history.final_val_loss:.3f} nats/byte")
