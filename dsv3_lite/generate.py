@@ -73,13 +73,15 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _finite(logits: torch.Tensor, position: int) -> torch.Tensor:
-    """`logits` if every entry is finite: NaN logits (an FP16 overflow, diverged weights) would decode as the
-    same token for ever. One check per main-model forward (one device sync), none per layer."""
+    """`logits` (B, V), or (B, S, V) for the tokens at positions `position`.., if every entry is finite: NaN
+    logits (an FP16 overflow, diverged weights) would decode as the same token for ever. One check per
+    main-model forward (one device sync), none per layer."""
     if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(-1).reshape(len(logits), -1).any(0)
         raise FloatingPointError(
-            f"the model's logits for the token at position {position} are not finite (NaN or inf), so no token "
-            f"can be decoded from them: check the weights (torch.isfinite on each parameter) and run in FP32 or "
-            f"BF16 rather than FP16")
+            f"the model's logits for the token at position {position + int(bad.nonzero()[0])} are not finite "
+            f"(NaN or inf), so no token can be decoded from them: check the weights (torch.isfinite on each "
+            f"parameter) and run in FP32 or BF16 rather than FP16")
     return logits
 
 

@@ -1,4 +1,5 @@
 """Decoding (dsv3_lite.generate): plain and speculative, greedy and sampled."""
+import copy
 import itertools
 import math
 
@@ -80,14 +81,41 @@ def test_mtp_caches_stay_consistent_with_the_accepted_tokens(model, batch, promp
         assert torch.equal(drafts, reference_drafts(model, out[:, :n], drafts.shape[1]))
 
 
-def test_statistics_are_consistent(model):
-    out, stats = generate(model, prompts(2, 3), 30, speculative=True)
-    steps = len(stats.accepted_per_step)  # verify steps that drafted (the last token may need no draft)
-    plain_steps = 30 - 1 - sum(int(a.min()) + 1 for a in stats.accepted_per_step)
-    assert stats.main_forwards == 1 + steps + plain_steps and plain_steps in (0, 1)
-    assert stats.tokens_per_forward == pytest.approx(30 / stats.main_forwards)
-    assert stats.drafted[0] == 2 * steps and len(stats.drafts) == len(stats.draft_positions) == steps
-    assert all(0 <= r <= 1 for r in stats.acceptance_by_depth)
+def test_statistics_match_an_independent_count(model):
+    """Main-model forwards counted by a hook; acceptances recomputed from each step's drafts and the output
+    (greedy speculative output is plain greedy output, so a draft is accepted iff it equals the output
+    token at its position); the decoding schedule replayed from those counts."""
+    prompt_len, new, depth = 3, 30, 2
+    calls = []
+    hook = model.layers[0].register_forward_hook(lambda *_: calls.append(1))  # once per main-model forward
+    try:
+        out, stats = generate(model, prompts(2, prompt_len), new, speculative=True)
+    finally:
+        hook.remove()
+    total = prompt_len + new
+    n, forwards, positions, drafted, accepted = prompt_len + 1, 1, [], [0] * depth, [0] * depth
+    while n < total:  # replay: each forward verifies min(depth, tokens still to make - 1) drafts
+        forwards += 1
+        d = min(depth, total - n - 1)
+        if d == 0:
+            n += 1
+            continue
+        step = len(positions)
+        positions.append(n)
+        drafts = stats.drafts[step]
+        assert drafts.shape == (2, d)
+        n_accepted = (drafts == out[:, n:n + d]).long().cumprod(dim=1).sum(dim=1)
+        assert torch.equal(stats.accepted_per_step[step], n_accepted)
+        for k in range(d):
+            drafted[k] += int((n_accepted >= k).sum())
+            accepted[k] += int((n_accepted > k).sum())
+        n += int(n_accepted.min()) + 1
+    assert len(calls) == forwards == stats.main_forwards
+    assert stats.draft_positions == positions and len(stats.drafts) == len(positions)
+    assert (stats.drafted, stats.accepted) == (drafted, accepted)
+    assert stats.acceptance_by_depth == [a / d for a, d in zip(accepted, drafted)]
+    assert stats.tokens_per_forward == new / forwards > 1
+    assert 0 < accepted[1] < accepted[0] < drafted[0]  # both depths accept and reject sometimes
 
 
 # ----------------------------------------------------------------------------------- rejection sampling
@@ -201,6 +229,31 @@ def test_bad_arguments_raise_clear_errors(model):
     no_mtp = Transformer(model.args.replace(mtp_depth=0))
     with pytest.raises(ValueError, match=r"mtp_depth >= 1"):
         generate(no_mtp, tokens, 4, speculative=True)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_logits_that_are_not_finite_raise(speculative):
+    """A NaN in the embedding of the token the model generates third: greedy decoding is fine until that
+    token is fed back, then stops with an error instead of emitting one token for ever."""
+    model = agreeable_model()
+    tokens = prompts(1, 4, seed=3)
+    out, _ = generate(model, tokens, 8)
+    bad = int(out[0, 6])
+    assert bad not in out[0, :6].tolist()
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.embed.weight[bad] = float("nan")
+    assert torch.equal(generate(broken, tokens, 2)[0], out[:, :6])  # the first two are unaffected
+    # speculative: the bad token is drafted and checked in one forward over positions 5-7, where its NaN
+    # key and value can reach every query (0 * NaN is NaN), so an earlier position may report it
+    position = "[5-7]" if speculative else "7"
+    with pytest.raises(FloatingPointError, match=rf"token at position {position} are not finite.*FP32 or BF16"):
+        generate(broken, tokens, 8, speculative=speculative)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))  # sampling: the prefill's logits already fail
+    with pytest.raises(FloatingPointError, match=r"token at position 4 are not finite"):
+        generate(broken, tokens, 8, temperature=1.0, speculative=speculative,
+                 generator=torch.Generator().manual_seed(0))
 
 
 def test_generate_restores_the_model_state(model):
