@@ -11,10 +11,15 @@ inference code (`layers.{i}.attn.wq_a`, `ffn.experts`, ...). Two layouts differ 
   (E, 2I, H) and the down projections into `experts.down_proj` (E, H, I); checkpoints (and older versions)
   name each expert `experts.{j}.gate_proj` etc. Both are read.
 
+The config and the weights fix the model: `from_hf` accepts only overrides that leave its outputs unchanged
+(`OVERRIDABLE`), and a config that does not describe its weights (a weight missing, of another shape, or
+left unused) fails naming the weight and the config field.
+
 transformers itself is imported by the caller, never here, so `import dsv3_lite` does not need it.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -25,6 +30,31 @@ from dsv3_lite.model import Transformer
 _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
          "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+# The ModelArgs fields an override may set: cache sizes, the attention path and coefficients used only in
+# training leave the loaded model's outputs unchanged. The config and the weights fix every other field.
+OVERRIDABLE = ("max_batch_size", "max_seq_len", "attn_impl", "bias_update_speed", "seq_aux_alpha",
+               "aux_loss_alpha")
+# For error messages, by the first pattern a transformers weight name matches: the config field that decides
+# whether the weight exists, and those that set its shape.
+_EXISTS_BY = ((r"shared_experts\.", "n_shared_experts"), (r"experts\.", "n_routed_experts"),
+              (r"mlp\.", "first_k_dense_replace"), (r"q_(a_|b_)?proj\.|q_a_layernorm\.", "q_lora_rank"),
+              (r"^model\.layers\.", "num_hidden_layers"))
+_SHAPE_BY = (
+    (r"shared_experts\.", ("n_shared_experts", "moe_intermediate_size", "hidden_size")),
+    (r"experts\.", ("n_routed_experts", "moe_intermediate_size", "hidden_size")),
+    (r"mlp\.gate\.", ("n_routed_experts", "hidden_size")),
+    (r"mlp\.", ("intermediate_size", "hidden_size")),
+    (r"q_a_", ("q_lora_rank", "hidden_size")),
+    (r"q_b_proj|q_proj", ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "q_lora_rank",
+                          "hidden_size")),
+    (r"kv_a_proj", ("kv_lora_rank", "qk_rope_head_dim", "hidden_size")),
+    (r"kv_a_layernorm", ("kv_lora_rank",)),
+    (r"kv_b_proj", ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")),
+    (r"o_proj", ("num_attention_heads", "v_head_dim", "hidden_size")),
+    (r"embed_tokens|lm_head|shared_head", ("vocab_size", "hidden_size")),
+    (r"", ("hidden_size",)),  # norms, eh_proj
+)
 
 
 def _half_split_order(rope_dim: int) -> torch.Tensor:
@@ -43,7 +73,11 @@ def rope_rows_to_interleaved(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
 
 def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
     """The `ModelArgs` of a transformers `DeepseekV3Config` (mtp_depth 0; `from_hf` sets it when it loads
-    MTP layers). `overrides` sets fields transformers has no equivalent for (e.g. max_batch_size)."""
+    MTP layers). `overrides` sets fields that leave the model's outputs unchanged (`OVERRIDABLE`)."""
+    refused = sorted(set(overrides) - set(OVERRIDABLE))
+    if refused:
+        raise ValueError(f"cannot override {', '.join(refused)}: the transformers config and weights fix every "
+                         f"field but {', '.join(OVERRIDABLE)} (from_hf sets mtp_depth from mtp_model)")
     unsupported = {
         "hidden_act": (config.hidden_act, "silu"), "attention_bias": (config.attention_bias, False),
         "norm_topk_prob": (config.norm_topk_prob, True),
@@ -92,14 +126,59 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
     return ModelArgs(**fields)
 
 
-def _block_state(hf: dict[str, torch.Tensor], src: str, dst: str, args: ModelArgs, moe: bool,
+class _Weights:
+    """A transformers module's tensors (in FP32), taken by name and shape. A weight that is missing, of
+    another shape, or never taken means the config does not describe these weights; the error names the
+    weight and the config field."""
+
+    def __init__(self, module: Any, config: Any):
+        self.tensors = {k: v.detach().float() for k, v in module.state_dict().items()}
+        self.config = config
+        self.taken: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def _fields(self, name: str, table: tuple) -> str:
+        fields = next((f for pattern, f in table if re.search(pattern, name)), None)
+        if fields is None:
+            return "the config"
+        return "the config's " + ", ".join(f"{f} ({getattr(self.config, f)})"
+                                           for f in ((fields,) if isinstance(fields, str) else fields))
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.tensors:
+            raise ValueError(f"transformers weight {name!r} is missing: the weights do not match "
+                             f"{self._fields(name, _EXISTS_BY)}")
+        tensor = self.tensors[name]
+        if tensor.shape != shape:
+            raise ValueError(f"transformers weight {name!r} has shape {tuple(tensor.shape)}, but the config "
+                             f"implies {tuple(shape)}: the weights do not match {self._fields(name, _SHAPE_BY)}")
+        self.taken.add(name)
+        return tensor
+
+    def check_all_taken(self) -> None:
+        unused = sorted(set(self.tensors) - self.taken)
+        if unused:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            raise ValueError(f"transformers weights {', '.join(unused[:3])}{more} are left unused: the weights "
+                             f"do not match {self._fields(unused[0], _EXISTS_BY)}")
+
+
+def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size], args: ModelArgs,
                  rope_interleave: bool) -> dict[str, torch.Tensor]:
-    """dsv3_lite names (prefix `dst`) -> tensors for one transformers decoder layer (prefix `src`)."""
-    out = {f"{dst}attn_norm.weight": hf[f"{src}input_layernorm.weight"],
-           f"{dst}ffn_norm.weight": hf[f"{src}post_attention_layernorm.weight"]}
+    """dsv3_lite names (prefix `dst`) -> tensors for one transformers decoder layer (prefix `src`). The
+    dsv3_lite model's `shapes` say which tensors the config calls for, and their shapes."""
+    out: dict[str, torch.Tensor] = {}
+
+    def take(theirs: str, ours: str) -> None:
+        out[f"{dst}{ours}"] = hf.take(f"{src}{theirs}", shapes[f"{dst}{ours}"])
+
+    take("input_layernorm.weight", "attn_norm.weight")
+    take("post_attention_layernorm.weight", "ffn_norm.weight")
     for ours, theirs in _ATTN.items():
-        if f"{src}self_attn.{theirs}.weight" in hf:
-            out[f"{dst}attn.{ours}.weight"] = hf[f"{src}self_attn.{theirs}.weight"]
+        if f"{dst}attn.{ours}.weight" in shapes:
+            take(f"self_attn.{theirs}.weight", f"attn.{ours}.weight")
     if not rope_interleave:
         h, nope, r, c = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
         q_name = f"{dst}attn.{'wq' if args.q_lora_rank == 0 else 'wq_b'}.weight"
@@ -107,25 +186,27 @@ def _block_state(hf: dict[str, torch.Tensor], src: str, dst: str, args: ModelArg
         out[q_name] = torch.cat([q[:, :nope], rope_rows_to_interleaved(q[:, nope:], r)], dim=1).flatten(0, 1)
         kv_a = out[f"{dst}attn.wkv_a.weight"]
         out[f"{dst}attn.wkv_a.weight"] = torch.cat([kv_a[:c], rope_rows_to_interleaved(kv_a[c:], r)])
-    mlp = f"{src}mlp."
-    if not moe:
-        out.update({f"{dst}ffn.{ours}.weight": hf[f"{mlp}{theirs}.weight"] for ours, theirs in _MLP.items()})
+    if f"{dst}ffn.gate.weight" not in shapes:  # a dense layer
+        for ours, theirs in _MLP.items():
+            take(f"mlp.{theirs}.weight", f"ffn.{ours}.weight")
         return out
-    out[f"{dst}ffn.gate.weight"] = hf[f"{mlp}gate.weight"]
-    out[f"{dst}ffn.gate.bias"] = hf[f"{mlp}gate.e_score_correction_bias"]
-    fused = f"{mlp}experts.gate_up_proj" in hf  # transformers 5.x in memory; else the checkpoint layout
-    for j in range(args.n_routed_experts):
-        expert = f"{dst}ffn.experts.{j}."
-        if fused:
-            gate, up = hf[f"{mlp}experts.gate_up_proj"][j].chunk(2, dim=0)
-            out.update({f"{expert}w1.weight": gate, f"{expert}w3.weight": up,
-                        f"{expert}w2.weight": hf[f"{mlp}experts.down_proj"][j]})
-        else:
-            out.update({f"{expert}{ours}.weight": hf[f"{mlp}experts.{j}.{theirs}.weight"]
-                        for ours, theirs in _MLP.items()})
+    take("mlp.gate.weight", "ffn.gate.weight")
+    take("mlp.gate.e_score_correction_bias", "ffn.gate.bias")
+    if f"{src}mlp.experts.gate_up_proj" in hf:  # transformers 5.x in memory; else the checkpoint layout
+        inter, dim = shapes[f"{dst}ffn.experts.0.w1.weight"]
+        gate_up = hf.take(f"{src}mlp.experts.gate_up_proj", (args.n_routed_experts, 2 * inter, dim))
+        down = hf.take(f"{src}mlp.experts.down_proj", (args.n_routed_experts, dim, inter))
+        for j in range(args.n_routed_experts):
+            expert = f"{dst}ffn.experts.{j}."
+            out[f"{expert}w1.weight"], out[f"{expert}w3.weight"] = gate_up[j].chunk(2, dim=0)
+            out[f"{expert}w2.weight"] = down[j]
+    else:
+        for j in range(args.n_routed_experts):
+            for ours, theirs in _MLP.items():
+                take(f"mlp.experts.{j}.{theirs}.weight", f"ffn.experts.{j}.{ours}.weight")
     if args.n_shared_experts:
-        out.update({f"{dst}ffn.shared_experts.{ours}.weight": hf[f"{mlp}shared_experts.{theirs}.weight"]
-                    for ours, theirs in _MLP.items()})
+        for ours, theirs in _MLP.items():
+            take(f"mlp.shared_experts.{theirs}.weight", f"ffn.shared_experts.{ours}.weight")
     return out
 
 
@@ -135,30 +216,39 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
 
     `mtp_model`: optionally transformers' `MtpModel` holding the checkpoint's MTP layers; its layers become
     the model's MTP modules (mtp_depth = their number). Without it the result has no MTP modules.
-    `overrides`: extra `ModelArgs` fields (e.g. max_batch_size, attn_impl). Weights are copied in FP32.
+    `overrides`: the `ModelArgs` fields in `OVERRIDABLE` (e.g. max_batch_size, attn_impl), which leave the
+    model's outputs unchanged. Weights are copied in FP32.
     """
     config = hf_model.config
     depth = len(mtp_model.layers) if mtp_model is not None else 0
     args = args_from_hf_config(config, **overrides).replace(mtp_depth=depth)
-    hf = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
+    model = Transformer(args)
+    shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    hf = _Weights(hf_model, config)
     interleave = bool(getattr(config, "rope_interleave", True))
-    state = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-             "head.weight": hf["lm_head.weight"]}
+    state = {ours: hf.take(theirs, shapes[ours]) for ours, theirs in (
+        ("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+        ("head.weight", "lm_head.weight"))}
     for i in range(args.n_layers):
-        state.update(_block_state(hf, f"model.layers.{i}.", f"layers.{i}.", args, i >= args.n_dense_layers,
-                                  interleave))
+        state.update(_block_state(hf, f"model.layers.{i}.", f"layers.{i}.", shapes, args, interleave))
+    hf.check_all_taken()
     if mtp_model is not None:
-        mtp = {k: v.detach().float() for k, v in mtp_model.state_dict().items()}
+        mtp = _Weights(mtp_model, config)
+        for name, ours in (("embed_tokens.weight", "embed.weight"), ("shared_head.weight", "head.weight")):
+            # DeepSeek-V3's MTP modules share the main model's embedding and output head
+            if name in mtp and not torch.equal(mtp.take(name, shapes[ours]), state[ours]):
+                raise ValueError(f"mtp_model's {name} differs from the main model's: dsv3_lite's MTP modules "
+                                 f"share the main model's, as DeepSeek-V3's do")
         for k in range(depth):
             src, dst = f"layers.{k}.", f"mtp.{k}."
-            state.update({f"{dst}{name}.weight": mtp[f"{src}{name}.weight"] for name in ("enorm", "hnorm", "eh_proj")})
-            state[f"{dst}norm.weight"] = mtp[f"{src}post_norm.weight"]
-            state.update(_block_state(mtp, f"{src}mtp_block.", f"{dst}block.", args, args.n_moe_layers > 0,
-                                      interleave))
+            for name in ("enorm", "hnorm", "eh_proj"):
+                state[f"{dst}{name}.weight"] = mtp.take(f"{src}{name}.weight", shapes[f"{dst}{name}.weight"])
+            state[f"{dst}norm.weight"] = mtp.take(f"{src}post_norm.weight", shapes[f"{dst}norm.weight"])
+            state.update(_block_state(mtp, f"{src}mtp_block.", f"{dst}block.", shapes, args, interleave))
             state[f"{dst}embed.weight"], state[f"{dst}head.weight"] = state["embed.weight"], state["head.weight"]
-    model = Transformer(args)
+        mtp.check_all_taken()
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     return model.eval()
 
 
-__all__ = ["from_hf", "args_from_hf_config", "rope_rows_to_half_split", "rope_rows_to_interleaved"]
+__all__ = ["from_hf", "args_from_hf_config", "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved"]

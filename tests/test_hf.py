@@ -1,4 +1,7 @@
-"""Whole-model parity with transformers' DeepseekV3ForCausalLM (dsv3_lite.hf.from_hf)."""
+"""Whole-model parity with transformers' DeepseekV3ForCausalLM (dsv3_lite.hf.from_hf), and the loader's
+refusals: overrides that would change the model, and configs that do not describe their weights."""
+import copy
+
 import pytest
 import torch
 
@@ -58,11 +61,25 @@ def test_logits_equal_transformers(case):
     error = (got - ref).abs().max().item()
     print(f"max |logits - transformers' logits| = {error:.2e}")  # shown by `pytest -rP`
     assert error < 1e-4
-    # and the cached, absorbed decode path agrees with transformers too
+    # the cached decode paths agree with transformers at every step: the prefill's last logits, then each
+    # one-token step's, against transformers' logits for the whole sequence (no cache)
     greedy, _ = generate(ours, tokens[:, :5], 10)
     with torch.no_grad():
-        ref_next = hf(greedy[:, :-1], use_cache=False).logits.argmax(-1)[:, 4:]
-    torch.testing.assert_close(greedy[:, 5:], ref_next)
+        ref = hf(greedy, use_cache=False).logits[:, 4:]
+    assert torch.equal(greedy[:, 5:], ref[:, :-1].argmax(-1))
+    for impl in ("absorb", "naive"):  # both overrides leave the model unchanged
+        model = from_hf(hf, attn_impl=impl, max_seq_len=128)
+        model.allocate_cache(len(greedy))
+        try:
+            with torch.no_grad():
+                steps = [model(greedy[:, :5], 0)[:, -1]]
+                steps += [model(greedy[:, n:n + 1], n)[:, -1] for n in range(5, greedy.shape[1])]
+        finally:
+            model.free_cache()
+        errors = (torch.stack(steps, dim=1) - ref).abs().amax(dim=(0, 2))
+        print(f"{impl}: max |cached decode logits - transformers'| per step = "
+              + " ".join(f"{e:.1e}" for e in errors.tolist()))
+        assert len(errors) == 11 and errors.max() < 1e-4
 
 
 def test_mtp_layers_equal_transformers():
@@ -84,6 +101,45 @@ def test_mtp_layers_equal_transformers():
     error = (got - ref).abs().max().item()
     print(f"max |MTP module output - transformers' MtpModel layer| = {error:.2e}")  # shown by `pytest -rP`
     assert error < 1e-4
+    hf_mtp.embed_tokens = copy.deepcopy(hf_mtp.embed_tokens)  # no longer the main model's
+    with torch.no_grad():
+        hf_mtp.embed_tokens.weight[0, 0] += 1
+    with pytest.raises(ValueError, match=r"mtp_model's embed_tokens.weight differs from the main model's"):
+        from_hf(hf, hf_mtp)
+
+
+@pytest.fixture(scope="module")
+def small_hf():
+    return random_hf_model(**CASES["q_lora-interleaved"])
+
+
+@pytest.mark.parametrize("overrides", [dict(n_layers=2), dict(route_scale=1.0, rope_theta=500.0),
+                                       dict(n_limited_groups=4), dict(mtp_depth=1), dict(dimm=8)])
+def test_overrides_that_would_change_the_model_are_refused(small_hf, overrides):
+    names = ", ".join(sorted(overrides))
+    with pytest.raises(ValueError, match=rf"cannot override {names}: .* fix every field but max_batch_size, "
+                                         rf"max_seq_len, attn_impl"):
+        from_hf(small_hf, **overrides)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_hidden_layers", 2, r"weights model.layers.2.input_layernorm.weight, .* and 13 more are left unused: "
+                             r".*num_hidden_layers \(2\)"),
+    ("num_hidden_layers", 4, r"'model.layers.3.input_layernorm.weight' is missing: .*num_hidden_layers \(4\)"),
+    ("hidden_size", 128, r"'model.embed_tokens.weight' has shape \(97, 64\), but the config implies "
+                         r"\(97, 128\): .*hidden_size \(128\)"),
+    ("n_routed_experts", 16, r"'model.layers.1.mlp.gate.weight' has shape \(8, 64\).*n_routed_experts \(16\)"),
+    ("moe_intermediate_size", 16, r"'model.layers.1.mlp.experts.gate_up_proj' has shape \(8, 64, 64\), but the "
+                                  r"config implies \(8, 32, 64\).*moe_intermediate_size \(16\)"),
+    ("n_shared_experts", 0, r"shared_experts.* left unused: .*n_shared_experts \(0\)"),
+    ("first_k_dense_replace", 2, r"'model.layers.1.mlp.gate_proj.weight' is missing: .*first_k_dense_replace"),
+    ("q_lora_rank", None, r"'model.layers.0.self_attn.q_proj.weight' is missing: .*q_lora_rank \(None\)"),
+])
+def test_a_config_that_does_not_match_the_weights_is_named(small_hf, field, value, message):
+    hf = copy.deepcopy(small_hf)
+    setattr(hf.config, field, value)
+    with pytest.raises(ValueError, match=message):
+        from_hf(hf)
 
 
 def test_rope_row_permutations_are_inverse():
