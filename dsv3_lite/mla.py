@@ -14,13 +14,19 @@ up-projections of c_KV. In the report's symbols, with the weight of this module 
 With q_lora_rank = 0 (V2-Lite) `wq` maps h to the queries directly. The two RMSNorms on the latents
 (`q_norm`, `kv_norm`) are in DeepSeek's released code and weights, not in the report's equations.
 
-Two inference paths, chosen by `ModelArgs.attn_impl`:
+Two cache layouts, chosen by `ModelArgs.attn_impl`:
 
 - "naive" up-projects every key and value and caches them per head: n_h * (d_qk + d_v) values per token.
 - "absorb" caches only c_KV and the rotated k_rope (d_c + d_h^R values per token). Because
   q_nope . (W_UK c) = (W_UK^T q_nope) . c, W_UK folds into the query; because the output is linear in v,
   W_UV is applied after attending over c. The RoPE part cannot fold (its rotation depends on the key's
   position), which is why it is decoupled and carried separately.
+
+Which computation runs depends on the work, not only on the layout. Training and prefill (start_pos 0:
+every key is in x) up-project the keys and values once and attend per head: with as many queries as keys,
+that is cheaper than folding W_UK into every query. Decoding with the "absorb" cache (start_pos > 0: a
+few new queries, many cached tokens) attends over the cached latents directly (`_absorbed`), so the
+per-head keys and values are never materialised.
 
 Every attention module here owns its KV cache (`allocate_cache` / `free_cache`). Without a cache, forward is
 plain causal attention over x (the training path); with one, it writes positions [start_pos, start_pos + S)
@@ -35,6 +41,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.config import ModelArgs
@@ -56,28 +63,20 @@ def causal_mask(q_start: int, n_q: int, k_start: int, n_k: int, device=None) -> 
     return torch.zeros(n_q, n_k, device=device).masked_fill_(future, float("-inf"))
 
 
-def _softmax_fp32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last dim (keys) in FP32; scores are (B, S, ..., T), mask is (S, T)."""
-    scores = scores.float()
-    if mask is not None:
-        scores = scores + mask.view(mask.shape[0], *([1] * (scores.ndim - 3)), mask.shape[1])
-    return scores.softmax(dim=-1)
-
-
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention with n_kv <= n_h key-value heads, each shared by n_h / n_kv consecutive query heads.
+                      mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """softmax(q . k * scale + mask) v with n_kv <= n_h key-value heads, each shared by n_h / n_kv
+    consecutive query heads (MHA: n_kv = n_h; MQA: n_kv = 1).
 
-    q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v) -> (B, S, n_h, d_v). Keys and values are
-    broadcast across their group, never copied.
+    q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v) -> (B, S, n_h, d_v). The mask is an additive
+    (S, T) mask, or `is_causal` when queries and keys cover the same positions (no mask is built).
     """
-    bsz, seqlen, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
-    q = q.view(bsz, seqlen, n_kv, n_heads // n_kv, head_dim)
-    scores = torch.einsum("bsgrd,btgd->bsgrt", q, k) * scale
-    probs = _softmax_fp32(scores, mask).type_as(v)
-    out = torch.einsum("bsgrt,btgd->bsgrd", probs, v)
-    return out.reshape(bsz, seqlen, n_heads, v.shape[-1])
+    n_rep = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, S or T, d)
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(1, 2)
 
 
 class CachedAttention(nn.Module):
@@ -163,8 +162,13 @@ class CachedAttention(nn.Module):
         return views
 
     def _mask(self, start_pos: int, seqlen: int, device) -> torch.Tensor | None:
-        k_start = 0 if self.has_cache else start_pos
-        return causal_mask(start_pos, seqlen, k_start, start_pos + seqlen - k_start, device)
+        """The causal mask of x's queries over the cached keys [0, start_pos + seqlen)."""
+        return causal_mask(start_pos, seqlen, 0, start_pos + seqlen, device)
+
+    def _keys_are_x(self, start_pos: int) -> bool:
+        """True when attention runs over x's own positions only (no cache, or a prefill from position 0):
+        plain causal attention, no mask to build."""
+        return not self.has_cache or start_pos == 0
 
 
 class MLA(CachedAttention):
@@ -207,28 +211,35 @@ class MLA(CachedAttention):
         kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs)  # (B, S, 1, d_rope): one key for all heads
         kv = self.kv_norm(kv)
-        mask = self._mask(start_pos, seqlen, x.device)
+        causal = self._keys_are_x(start_pos)
+        mask = None if causal else self._mask(start_pos, seqlen, x.device)
 
-        if self.attn_impl == "naive":
-            k_nope, v = self.wkv_b(kv).view(bsz, seqlen, self.n_heads, -1).split(
-                [a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
-            if self.has_cache:
-                k, v = self._update_cache(start_pos, k=k, v=v)
-            out = grouped_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.softmax_scale, mask)
-        else:
-            w_ukv = self.wkv_b.weight.view(self.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-            w_uk, w_uv = w_ukv[:, :a.qk_nope_head_dim], w_ukv[:, a.qk_nope_head_dim:]
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK folded into the query
-            k_pe = k_pe.squeeze(2)
-            if self.has_cache:
-                kv, k_pe = self._update_cache(start_pos, kv=kv, pe=k_pe)
-            scores = (torch.einsum("bshc,btc->bsht", q_latent, kv)
-                      + torch.einsum("bshr,btr->bsht", q_pe, k_pe)) * self.softmax_scale
-            probs = _softmax_fp32(scores, mask).type_as(x)
-            out = torch.einsum("bsht,btc->bshc", probs, kv)  # attend over the latent ...
-            out = torch.einsum("bshc,hdc->bshd", out, w_uv)  # ... then apply W_UV
+        if self.attn_impl == "absorb" and self.has_cache:
+            kv_cached, k_pe_cached = self._update_cache(start_pos, kv=kv, pe=k_pe.squeeze(2))
+            if not causal:  # decoding: few queries, many cached latents
+                return self.wo(self._absorbed(q_nope, q_pe, kv_cached, k_pe_cached, mask).flatten(2))
+        # Training and prefill, where every key is in x: up-project the keys and values once
+        k_nope, v = self.wkv_b(kv).view(bsz, seqlen, self.n_heads, -1).split(
+            [a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        if self.attn_impl == "naive" and self.has_cache:
+            k, v = self._update_cache(start_pos, k=k, v=v)
+        out = grouped_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.softmax_scale, mask, causal)
         return self.wo(out.flatten(2))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention read straight from the cache: q_nope, q_pe (B, S, n_h, .), the cached latents kv
+        (B, T, d_c) and RoPE keys k_pe (B, T, d_rope) -> (B, S, n_h, v_head_dim)."""
+        a = self.args
+        w_ukv = self.wkv_b.weight.view(self.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        w_uk, w_uv = w_ukv[:, :a.qk_nope_head_dim], w_ukv[:, a.qk_nope_head_dim:]
+        q_latent = q_nope.transpose(1, 2) @ w_uk  # W_UK folded into the query: (B, n_h, S, d_c)
+        kv, k_pe = kv.unsqueeze(1), k_pe.unsqueeze(1)  # one latent and one RoPE key for all heads
+        scores = (q_latent @ kv.mT + q_pe.transpose(1, 2) @ k_pe.mT) * self.softmax_scale  # (B, n_h, S, T)
+        scores = scores.float() if mask is None else scores.float() + mask
+        out = scores.softmax(dim=-1).type_as(kv) @ kv  # attend over the latent: (B, n_h, S, d_c) ...
+        return (out @ w_uv.mT).transpose(1, 2)  # ... then apply W_UV
 
 
 class GQA(CachedAttention):
@@ -266,7 +277,9 @@ class GQA(CachedAttention):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         if self.has_cache:
             k, v = self._update_cache(start_pos, k=k, v=v)
-        out = grouped_attention(q, k, v, self.softmax_scale, self._mask(start_pos, seqlen, x.device))
+        causal = self._keys_are_x(start_pos)
+        mask = None if causal else self._mask(start_pos, seqlen, x.device)
+        out = grouped_attention(q, k, v, self.softmax_scale, mask, causal)
         return self.wo(out.flatten(2))
 
 

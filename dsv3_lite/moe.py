@@ -144,13 +144,20 @@ class MoE(nn.Module):
         return out.view(batch, seq_len, dim), routing
 
     def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Sort the (token, expert) pairs by expert, run each expert that has pairs once on its contiguous
-        slice, and scatter-add the weighted results back to their tokens."""
+        """Sort the (token, expert) pairs by expert, so that each expert's tokens form one contiguous slice;
+        apply every expert that has tokens to its slice; scatter-add the weighted results back to their
+        tokens. Each expert computes w2(silu(w1 x) * w3 x) as `MLP.forward` does, with the activation
+        applied once over all slices instead of once per expert."""
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.shape[1]
         counts = expert_load(indices, len(self.experts)).tolist()
-        chunks = tokens[token_of].split(counts)
-        routed = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]])
+        active = [expert for expert, n in zip(self.experts, counts) if n]
+        sizes = [n for n in counts if n]
+        x = tokens[token_of].split(sizes)
+        gate = torch.cat([F.linear(xe, e.w1.weight) for e, xe in zip(active, x)])
+        up = torch.cat([F.linear(xe, e.w3.weight) for e, xe in zip(active, x)])
+        h = (F.silu(gate) * up).split(sizes)
+        routed = torch.cat([F.linear(he, e.w2.weight) for e, he in zip(active, h)])
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
         return routed.new_zeros(tokens.shape).index_add_(0, token_of, routed)
 
