@@ -20,7 +20,7 @@ LAYERS = [
     {"block"},
     {"mtp"},
     {"model"},
-    {"generate", "hf", "train"},
+    {"generate", "hf", "timing", "train"},
     {"nbtools"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
