@@ -60,8 +60,9 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(args.dim, args.rms_norm_eps)
             self.head = nn.Linear(args.dim, args.vocab_size, bias=False)
             self.mtp = nn.ModuleList(MTPModule(args, self.embed, self.head) for _ in range(args.mtp_depth))
-        self.to_empty(device=device)
-        self.init_weights()
+        if device.type != "meta":  # on the meta device there are no values to draw
+            self.to_empty(device=device)
+            self.init_weights()
 
     def init_weights(self) -> None:
         """Every weight matrix ~ N(0, init_std) (report 4.2: 0.006), norms at 1, selection biases at 0.
