@@ -34,14 +34,17 @@ def colab_badge(notebook: pathlib.Path) -> str:
 def setup_source() -> str:
     url, branch = repository()
     return (
-        "# Setup: on Colab, install dsv3_lite from the book's repository. Locally, README's set-up did it.\n"
+        "# Setup: on Colab, install dsv3_lite from the book's repository.\n"
+        "# Locally, the README's set-up has done it.\n"
         "import sys\n"
         "\n"
         "if \"google.colab\" in sys.modules:\n"
         "    import subprocess\n"
         "\n"
-        f"    package = \"dsv3-lite[notebooks] @ git+{url}@{branch}\"\n"
-        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", package], check=True)"
+        "    package = (\"dsv3-lite[notebooks] @ \"\n"
+        f"               \"git+{url}@{branch}\")\n"
+        "    pip = [sys.executable, \"-m\", \"pip\", \"install\", \"-q\"]\n"
+        "    subprocess.run(pip + [package], check=True)"
     )
 
 
