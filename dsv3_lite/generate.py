@@ -192,7 +192,6 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, t
     return depth
 
 
-@torch.no_grad()
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              speculative: bool = False, draft_depth: int | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, GenerationStats]:
@@ -207,33 +206,36 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
     stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth, accepted=[0] * depth)
-    seq = torch.zeros(batch, total, dtype=tokens.dtype, device=tokens.device)
-    seq[:, :prompt_len] = tokens
-    was_training = model.training
-    model.eval()
-    model.allocate_cache(batch)
-    start = time.perf_counter()
-    try:
-        h, _ = model.hidden_states(tokens, 0)  # prefill
-        stats.main_forwards += 1
-        seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len), temperature, generator)
-        n = prompt_len + 1
-        if depth == 0:
-            for n in range(n, total):
-                logits = _finite(model(seq[:, n - 1:n], n - 1)[:, -1], n)
-                stats.main_forwards += 1
-                seq[:, n] = _pick(logits, temperature, generator)
-        else:
-            drafter = _Drafter(model, batch, total, depth)
-            drafter.hidden[0][:, :prompt_len] = h
-            while n < total:
-                n = _speculative_step(model, drafter, seq, n, min(depth, total - n - 1), temperature,
-                                      generator, stats)
-    finally:
-        model.free_cache()
-        model.train(was_training)
+    # Inference mode: no autograd bookkeeping at all (faster than no_grad for the many small ops of a
+    # decode step). Its tensors cannot enter autograd later, so the sequences are cloned on the way out.
+    with torch.inference_mode():
+        seq = torch.zeros(batch, total, dtype=tokens.dtype, device=tokens.device)
+        seq[:, :prompt_len] = tokens
+        was_training = model.training
+        model.eval()
+        model.allocate_cache(batch)
+        start = time.perf_counter()
+        try:
+            h, _ = model.hidden_states(tokens, 0)  # prefill
+            stats.main_forwards += 1
+            seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len), temperature, generator)
+            n = prompt_len + 1
+            if depth == 0:
+                for n in range(n, total):
+                    logits = _finite(model(seq[:, n - 1:n], n - 1)[:, -1], n)
+                    stats.main_forwards += 1
+                    seq[:, n] = _pick(logits, temperature, generator)
+            else:
+                drafter = _Drafter(model, batch, total, depth)
+                drafter.hidden[0][:, :prompt_len] = h
+                while n < total:
+                    n = _speculative_step(model, drafter, seq, n, min(depth, total - n - 1), temperature,
+                                          generator, stats)
+        finally:
+            model.free_cache()
+            model.train(was_training)
     stats.seconds = time.perf_counter() - start
-    return seq, stats
+    return seq.clone(), stats
 
 
 def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, n: int, depth: int,

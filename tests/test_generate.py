@@ -275,3 +275,15 @@ def test_compare_decoding_reports_consistent_figures(model):
     assert result.speedup > 0
     with pytest.raises(ValueError, match="repeats"):
         compare_decoding(model, prompts(1, 5), 5, repeats=0)
+
+
+def test_generated_tokens_can_feed_training(model):
+    out, stats = generate(model, prompts(2, 4), 6, speculative=True)  # decoding runs in inference mode
+    assert not out.is_inference() and not torch.is_inference_mode_enabled()
+    model.train()
+    try:
+        model.loss(out[:, :-1], out[:, 1:], mtp_lambda=0.3).total.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert stats.main_forwards > 1
