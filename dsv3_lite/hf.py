@@ -192,18 +192,16 @@ def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size]
         return out
     take("mlp.gate.weight", "ffn.gate.weight")
     take("mlp.gate.e_score_correction_bias", "ffn.gate.bias")
+    n, inter, dim = shapes[f"{dst}ffn.experts.w1"]
     if f"{src}mlp.experts.gate_up_proj" in hf:  # transformers 5.x in memory; else the checkpoint layout
-        inter, dim = shapes[f"{dst}ffn.experts.0.w1.weight"]
-        gate_up = hf.take(f"{src}mlp.experts.gate_up_proj", (args.n_routed_experts, 2 * inter, dim))
-        down = hf.take(f"{src}mlp.experts.down_proj", (args.n_routed_experts, dim, inter))
-        for j in range(args.n_routed_experts):
-            expert = f"{dst}ffn.experts.{j}."
-            out[f"{expert}w1.weight"], out[f"{expert}w3.weight"] = gate_up[j].chunk(2, dim=0)
-            out[f"{expert}w2.weight"] = down[j]
-    else:
-        for j in range(args.n_routed_experts):
-            for ours, theirs in _MLP.items():
-                take(f"mlp.experts.{j}.{theirs}.weight", f"ffn.experts.{j}.{ours}.weight")
+        gate_up = hf.take(f"{src}mlp.experts.gate_up_proj", (n, 2 * inter, dim))
+        out[f"{dst}ffn.experts.w1"], out[f"{dst}ffn.experts.w3"] = gate_up.chunk(2, dim=1)
+        out[f"{dst}ffn.experts.w2"] = hf.take(f"{src}mlp.experts.down_proj", (n, dim, inter))
+    else:  # one matrix per expert and projection, stacked into ours
+        for ours, theirs in _MLP.items():
+            shape = shapes[f"{dst}ffn.experts.{ours}"][1:]
+            out[f"{dst}ffn.experts.{ours}"] = torch.stack(
+                [hf.take(f"{src}mlp.experts.{j}.{theirs}.weight", shape) for j in range(n)])
     if args.n_shared_experts:
         for ours, theirs in _MLP.items():
             take(f"mlp.shared_experts.{theirs}.weight", f"ffn.shared_experts.{ours}.weight")

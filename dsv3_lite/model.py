@@ -25,7 +25,7 @@ from torch import nn
 from dsv3_lite.block import Block
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.mla import CachedAttention
-from dsv3_lite.moe import Gate, MoE, Routing, expert_load
+from dsv3_lite.moe import Experts, Gate, MoE, Routing, expert_load
 from dsv3_lite.mtp import MTPModule, mtp_chain, mtp_loss
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import precompute_freqs_cis
@@ -78,6 +78,9 @@ class Transformer(nn.Module):
             elif isinstance(module, Gate):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                for weight in (module.w1, module.w2, module.w3):
+                    nn.init.normal_(weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 

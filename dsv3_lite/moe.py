@@ -22,8 +22,9 @@ which the caller computes balance losses and expert loads.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,13 @@ from torch import Tensor, nn
 from dsv3_lite.config import ModelArgs
 
 
+def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """The SwiGLU feed-forward network w2 (silu(w1 x) * w3 x): gate, down and up projections."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward network: w2(silu(w1 x) * w3 x). Used for every expert and the dense FFN."""
+    """SwiGLU feed-forward network: the dense FFN of the first blocks and the shared experts."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -42,7 +48,53 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight)
+
+
+def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+    """x_j @ weight[j]^T for consecutive groups of rows of x, counts[j] rows in group j: (T, in) -> (T, out).
+
+    On the CPU one grouped matrix multiply (F.grouped_mm) does every group, where its kernel applies:
+    matching dtypes and rows of a multiple of 16 bytes. Elsewhere (its GPU kernel takes BF16 only, older
+    torch has none) a loop over the groups does the same.
+    """
+    align = 16 // x.element_size()
+    if (x.device.type == "cpu" and hasattr(F, "grouped_mm") and x.dtype == weight.dtype
+            and x.shape[1] % align == 0 and weight.shape[1] % align == 0):
+        return F.grouped_mm(x.contiguous(), weight.mT, offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([xj @ wj.T for xj, wj in zip(x.split(counts.tolist()), weight)])
+
+
+class Experts(nn.Module):
+    """The N_r routed experts, SwiGLU networks stored as one tensor per projection: expert j's gate, down
+    and up projections are w1[j] (inter, dim), w2[j] (dim, inter) and w3[j] (inter, dim), the matrices an
+    `MLP` holds. `experts(x, counts)` runs every expert on its own rows at once; `experts[j]` is expert j
+    alone, as a function of x."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's matrices as nn.Linear initialises its own: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+
+    def __len__(self) -> int:
+        return self.w1.shape[0]
+
+    def __getitem__(self, j: int) -> Callable[[Tensor], Tensor]:
+        if not -len(self) <= j < len(self):
+            raise IndexError(f"expert {j} does not exist: there are {len(self)}")
+        return functools.partial(swiglu, w1=self.w1[j], w2=self.w2[j], w3=self.w3[j])
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """x (T, dim), its rows grouped by expert, counts[j] rows for expert j -> (T, dim)."""
+        h = F.silu(grouped_linear(x, self.w1, counts)) * grouped_linear(x, self.w3, counts)
+        return grouped_linear(h, self.w2, counts)
 
 
 class Routing(NamedTuple):
@@ -116,8 +168,9 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE layer: shared experts on every token plus K_r routed experts chosen by the gate.
 
-    Dispatch sorts the (token, expert) pairs by expert, runs each expert that received tokens once on its
-    contiguous slice and scatters the weighted results back; no token is dropped. `forward` returns the
+    Dispatch sorts the (token, expert) pairs by expert, runs every expert on its contiguous group of tokens
+    in one grouped matrix multiply per projection and scatters the weighted results back; no token is
+    dropped. `forward` returns the
     output and the gate's `Routing`, from which `balance_loss` and `expert_load` are computed.
     """
 
@@ -125,7 +178,7 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
         # The N_s shared experts are fused into one MLP of N_s times the width (same parameters and output).
         self.shared_experts = (MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
                                if args.n_shared_experts else None)
@@ -144,20 +197,11 @@ class MoE(nn.Module):
         return out.view(batch, seq_len, dim), routing
 
     def _dispatch(self, tokens: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Sort the (token, expert) pairs by expert, so that each expert's tokens form one contiguous slice;
-        apply every expert that has tokens to its slice; scatter-add the weighted results back to their
-        tokens. Each expert computes w2(silu(w1 x) * w3 x) as `MLP.forward` does, with the activation
-        applied once over all slices instead of once per expert."""
+        """Sort the (token, expert) pairs by expert, so that each expert's tokens form one contiguous group;
+        run every expert on its group at once; scatter-add the weighted results back to their tokens."""
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.shape[1]
-        counts = expert_load(indices, len(self.experts)).tolist()
-        active = [expert for expert, n in zip(self.experts, counts) if n]
-        sizes = [n for n in counts if n]
-        x = tokens[token_of].split(sizes)
-        gate = torch.cat([F.linear(xe, e.w1.weight) for e, xe in zip(active, x)])
-        up = torch.cat([F.linear(xe, e.w3.weight) for e, xe in zip(active, x)])
-        h = (F.silu(gate) * up).split(sizes)
-        routed = torch.cat([F.linear(he, e.w2.weight) for e, he in zip(active, h)])
+        routed = self.experts(tokens[token_of], expert_load(indices, len(self.experts)))
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
         return routed.new_zeros(tokens.shape).index_add_(0, token_of, routed)
 
@@ -229,5 +273,5 @@ def groups_touched(indices: Tensor, n_experts: int, n_groups: int) -> Tensor:
     return hit.sum(dim=-1)
 
 
-__all__ = ["MLP", "Gate", "Routing", "MoE", "balance_loss", "expert_load", "max_violation",
+__all__ = ["swiglu", "MLP", "grouped_linear", "Experts", "Gate", "Routing", "MoE", "balance_loss", "expert_load", "max_violation",
            "groups_touched"]
