@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.config import ModelArgs
@@ -63,20 +62,23 @@ def causal_mask(q_start: int, n_q: int, k_start: int, n_k: int, device=None) -> 
     return torch.zeros(n_q, n_k, device=device).masked_fill_(future, float("-inf"))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    """softmax(q . k * scale + mask) v with n_kv <= n_h key-value heads, each shared by n_h / n_kv
-    consecutive query heads (MHA: n_kv = n_h; MQA: n_kv = 1).
+def attend(scores: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores + mask) v: the softmax over the keys (last dim) in FP32, then the weighted sum of the
+    values. scores (..., S, T), mask (S, T) or None, v (..., T, d_v) -> (..., S, d_v)."""
+    scores = scores.float() if mask is None else scores.float() + mask
+    return scores.softmax(dim=-1).type_as(v) @ v
 
-    q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v) -> (B, S, n_h, d_v). The mask is an additive
-    (S, T) mask, or `is_causal` when queries and keys cover the same positions (no mask is built).
-    """
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with n_kv <= n_h key-value heads, each shared by n_h / n_kv consecutive query heads
+    (MHA: n_kv = n_h; MQA: n_kv = 1). q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v), mask
+    (S, T) or None -> (B, S, n_h, d_v)."""
     n_rep = q.shape[2] // k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, S or T, d)
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-    return out.transpose(1, 2)
+    return attend(q @ k.mT * scale, mask, v).transpose(1, 2)
 
 
 class CachedAttention(nn.Module):
@@ -162,13 +164,9 @@ class CachedAttention(nn.Module):
         return views
 
     def _mask(self, start_pos: int, seqlen: int, device) -> torch.Tensor | None:
-        """The causal mask of x's queries over the cached keys [0, start_pos + seqlen)."""
-        return causal_mask(start_pos, seqlen, 0, start_pos + seqlen, device)
-
-    def _keys_are_x(self, start_pos: int) -> bool:
-        """True when attention runs over x's own positions only (no cache, or a prefill from position 0):
-        plain causal attention, no mask to build."""
-        return not self.has_cache or start_pos == 0
+        """The causal mask of x's queries over the keys: the cached ones [0, start_pos + seqlen), or x's."""
+        k_start = 0 if self.has_cache else start_pos
+        return causal_mask(start_pos, seqlen, k_start, start_pos + seqlen - k_start, device)
 
 
 class MLA(CachedAttention):
@@ -211,12 +209,11 @@ class MLA(CachedAttention):
         kv, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs)  # (B, S, 1, d_rope): one key for all heads
         kv = self.kv_norm(kv)
-        causal = self._keys_are_x(start_pos)
-        mask = None if causal else self._mask(start_pos, seqlen, x.device)
+        mask = self._mask(start_pos, seqlen, x.device)
 
         if self.attn_impl == "absorb" and self.has_cache:
             kv_cached, k_pe_cached = self._update_cache(start_pos, kv=kv, pe=k_pe.squeeze(2))
-            if not causal:  # decoding: few queries, many cached latents
+            if start_pos > 0:  # decoding: few queries, many cached latents
                 return self.wo(self._absorbed(q_nope, q_pe, kv_cached, k_pe_cached, mask).flatten(2))
         # Training and prefill, where every key is in x: up-project the keys and values once
         k_nope, v = self.wkv_b(kv).view(bsz, seqlen, self.n_heads, -1).split(
@@ -224,7 +221,7 @@ class MLA(CachedAttention):
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
         if self.attn_impl == "naive" and self.has_cache:
             k, v = self._update_cache(start_pos, k=k, v=v)
-        out = grouped_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.softmax_scale, mask, causal)
+        out = grouped_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, self.softmax_scale, mask)
         return self.wo(out.flatten(2))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
@@ -237,8 +234,7 @@ class MLA(CachedAttention):
         q_latent = q_nope.transpose(1, 2) @ w_uk  # W_UK folded into the query: (B, n_h, S, d_c)
         kv, k_pe = kv.unsqueeze(1), k_pe.unsqueeze(1)  # one latent and one RoPE key for all heads
         scores = (q_latent @ kv.mT + q_pe.transpose(1, 2) @ k_pe.mT) * self.softmax_scale  # (B, n_h, S, T)
-        scores = scores.float() if mask is None else scores.float() + mask
-        out = scores.softmax(dim=-1).type_as(kv) @ kv  # attend over the latent: (B, n_h, S, d_c) ...
+        out = attend(scores, mask, kv)  # attend over the latent: (B, n_h, S, d_c) ...
         return (out @ w_uv.mT).transpose(1, 2)  # ... then apply W_UV
 
 
@@ -277,9 +273,7 @@ class GQA(CachedAttention):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         if self.has_cache:
             k, v = self._update_cache(start_pos, k=k, v=v)
-        causal = self._keys_are_x(start_pos)
-        mask = None if causal else self._mask(start_pos, seqlen, x.device)
-        out = grouped_attention(q, k, v, self.softmax_scale, mask, causal)
+        out = grouped_attention(q, k, v, self.softmax_scale, self._mask(start_pos, seqlen, x.device))
         return self.wo(out.flatten(2))
 
 
