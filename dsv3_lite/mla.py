@@ -62,23 +62,27 @@ def causal_mask(q_start: int, n_q: int, k_start: int, n_k: int, device=None) -> 
     return torch.zeros(n_q, n_k, device=device).masked_fill_(future, float("-inf"))
 
 
-def attend(scores: torch.Tensor, mask: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
-    """softmax(scores + mask) v: the softmax over the keys (last dim) in FP32, then the weighted sum of the
-    values. scores (..., S, T), mask (S, T) or None, v (..., T, d_v) -> (..., S, d_v)."""
+def attention_probs(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(scores + mask) over the keys (last dim), in FP32. scores (..., S, T), mask (S, T) or None."""
     scores = scores.float() if mask is None else scores.float() + mask
-    return scores.softmax(dim=-1).type_as(v) @ v
+    return scores.softmax(dim=-1)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       mask: torch.Tensor | None) -> torch.Tensor:
     """Attention with n_kv <= n_h key-value heads, each shared by n_h / n_kv consecutive query heads
     (MHA: n_kv = n_h; MQA: n_kv = 1). q (B, S, n_h, d), k (B, T, n_kv, d), v (B, T, n_kv, d_v), mask
-    (S, T) or None -> (B, S, n_h, d_v)."""
-    n_rep = q.shape[2] // k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: (B, heads, S or T, d)
-    if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return attend(q @ k.mT * scale, mask, v).transpose(1, 2)
+    (S, T) or None -> (B, S, n_h, d_v).
+
+    The query heads that share a key-value head are stacked as rows of one matrix, so each key and value
+    is read once for all of them, never copied per head.
+    """
+    (b, s, h, d), g = q.shape, k.shape[2]
+    q = q.view(b, s, g, h // g, d).permute(0, 2, 3, 1, 4).reshape(b, g, h // g * s, d)  # (B, n_kv, R*S, d)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, n_kv, T, .)
+    probs = attention_probs((q @ k.mT * scale).view(b, g, h // g, s, -1), mask)
+    out = probs.type_as(v).view(b, g, h // g * s, -1) @ v  # (B, n_kv, R*S, d_v)
+    return out.view(b, g, h // g, s, -1).permute(0, 3, 1, 2, 4).reshape(b, s, h, -1)
 
 
 class CachedAttention(nn.Module):
@@ -227,15 +231,22 @@ class MLA(CachedAttention):
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
         """Attention read straight from the cache: q_nope, q_pe (B, S, n_h, .), the cached latents kv
-        (B, T, d_c) and RoPE keys k_pe (B, T, d_rope) -> (B, S, n_h, v_head_dim)."""
-        a = self.args
-        w_ukv = self.wkv_b.weight.view(self.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        (B, T, d_c) and RoPE keys k_pe (B, T, d_rope) -> (B, S, n_h, v_head_dim).
+
+        Every head reads the same latents, so the heads' queries are stacked as rows of one matrix (MQA
+        over the latent): the cache is read once, not once per head."""
+        a, h = self.args, self.n_heads
+        b, s = q_nope.shape[:2]
+        w_ukv = self.wkv_b.weight.view(h, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk, w_uv = w_ukv[:, :a.qk_nope_head_dim], w_ukv[:, a.qk_nope_head_dim:]
-        q_latent = q_nope.transpose(1, 2) @ w_uk  # W_UK folded into the query: (B, n_h, S, d_c)
-        kv, k_pe = kv.unsqueeze(1), k_pe.unsqueeze(1)  # one latent and one RoPE key for all heads
-        scores = (q_latent @ kv.mT + q_pe.transpose(1, 2) @ k_pe.mT) * self.softmax_scale  # (B, n_h, S, T)
-        out = attend(scores, mask, kv)  # attend over the latent: (B, n_h, S, d_c) ...
-        return (out @ w_uv.mT).transpose(1, 2)  # ... then apply W_UV
+        q_latent = q_nope.flatten(0, 1).transpose(0, 1) @ w_uk  # W_UK folded into the query: (n_h, B*S, d_c)
+        q_latent = q_latent.view(h, b, s, -1).transpose(0, 1).reshape(b, h * s, -1)  # (B, n_h*S, d_c)
+        q_pe = q_pe.permute(0, 2, 1, 3).reshape(b, h * s, -1)  # (B, n_h*S, d_rope)
+        scores = (q_latent @ kv.mT + q_pe @ k_pe.mT) * self.softmax_scale  # (B, n_h*S, T)
+        probs = attention_probs(scores.view(b, h, s, -1), mask).type_as(kv)
+        out = probs.view(b, h * s, -1) @ kv  # attend over the latent: (B, n_h*S, d_c) ...
+        out = out.view(b, h, s, -1).transpose(0, 1).reshape(h, b * s, -1) @ w_uv.mT  # ... then W_UV
+        return out.view(h, b, s, -1).permute(1, 2, 0, 3)  # (B, S, n_h, v_head_dim)
 
 
 class GQA(CachedAttention):
