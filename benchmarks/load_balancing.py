@@ -1,6 +1,6 @@
 """Chapter 3's balancing experiment over several seeds: four ways to balance a small MoE language model.
 
-    python benchmarks/load_balancing.py                    # seeds 0 1 2, 300 steps (about 3 min on 2 cores)
+    python benchmarks/load_balancing.py                    # seeds 0 1 2, 300 steps: a few minutes on 2 cores
     python benchmarks/load_balancing.py --seeds 0 1 2 3 4 --steps 600
 
 Methods (the same model and data; only the balancing changes):
@@ -12,12 +12,13 @@ Methods (the same model and data; only the balancing changes):
 
 For each run it measures the validation loss, MaxVio on the training batches (mean over the last 100 steps
 and the MoE layers), MaxVio of the validation windows (all routed at once, mean over layers), and domain
-specialisation: the mutual information between a routed token's domain and the expert it is sent to, in
+specialization: the mutual information between a routed token's domain and the expert it is sent to, in
 bits (0: every domain uses the experts in the same proportions), mean over layers. Then it prints each
 metric's mean, standard deviation and range over the seeds, and which orderings held on every seed.
 
-Training amplifies last-bit differences between CPUs: the same seed gives results a few percent apart on
-another machine (more for an unbalanced router), so read the spread, not the digits.
+Seed 0 is the run that notebooks/03_moe.ipynb trains and plots. Training amplifies last-bit differences
+between CPUs: the same seed gives results a few percent apart on another machine (more for an unbalanced
+router), so read the spread, not the digits.
 """
 from __future__ import annotations
 
