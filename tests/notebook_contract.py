@@ -4,6 +4,12 @@ nbval alone passes a notebook that has no stored outputs, so the project checks 
 """
 from __future__ import annotations
 
+import re
+
+# A compared output (a cell without NBVAL_IGNORE_OUTPUT) that prints a package version fails nbval for every
+# reader with another version installed: versions belong in ignored cells.
+VERSION = re.compile(r"\b(torch|numpy|triton|transformers|matplotlib|ipywidgets|python)\b[ =:v]+\d+\.\d+", re.I)
+
 
 def contract_problems(nb: dict) -> list[str]:
     """Problems of one notebook (as parsed JSON); an empty list means the contract holds."""
@@ -17,9 +23,14 @@ def contract_problems(nb: dict) -> list[str]:
     elif counts != list(range(1, len(code) + 1)):
         problems.append(f"not executed top to bottom in one fresh kernel (execution counts {counts})")
     for i, cell in enumerate(code, 1):
+        compared = "NBVAL_IGNORE_OUTPUT" not in "".join(cell.get("source", ""))
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 problems.append(f"code cell {i} stored an error ({out.get('ename')})")
+            text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+            if compared and VERSION.search(text):
+                problems.append(f"code cell {i} prints a package version in a compared output "
+                                f"({VERSION.search(text).group(0)!r}): move it to an ignored cell")
     if not any(cell.get("outputs") for cell in code):
         problems.append("no code cell has stored outputs")
     return problems

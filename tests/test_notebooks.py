@@ -166,3 +166,11 @@ def test_executor_runs_this_interpreter_in_the_kernel_environment(executor, tmp_
     assert [(o.output_type, o.get("text")) for o in cells[2].outputs] == [
         ("stream", "0\n1\n2\n"), ("display_data", None), ("stream", "after\n")]
     assert all("execution" not in c.metadata for c in cells)
+
+
+def test_contract_rejects_a_version_in_a_compared_output():
+    nb = copy.deepcopy(EXECUTED)
+    nb["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "torch 2.13.0\n"}]
+    assert any("prints a package version" in p for p in contract_problems(nb))
+    nb["cells"][2]["source"] = "# NBVAL_IGNORE_OUTPUT\nx"
+    assert contract_problems(nb) == []
