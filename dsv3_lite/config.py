@@ -1,7 +1,8 @@
 """`ModelArgs`: the one configuration object that drives every component of dsv3_lite.
 
-Field names follow DeepSeek's released `ModelArgs` / `config_671B.json`. The counting methods are pure
-arithmetic, so the 671B shape can be inspected without allocating a single weight.
+Field names follow DeepSeek's released `ModelArgs` / `config_671B.json`. The
+counting methods are pure arithmetic, so the 671B shape can be inspected without
+allocating a single weight.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ AttnImpl = Literal["naive", "absorb"]
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Hyper-parameters of a DeepSeek-V3-style model (frozen: change a field with `replace`, which validates).
+    """Hyper-parameters of a DeepSeek-V3-style model (frozen: change a field
+    with `replace`, which validates).
 
     Sizes
         vocab_size: tokens in the vocabulary.
         dim: hidden size d of the residual stream.
-        inter_dim: hidden size of the dense SwiGLU FFN used by the first `n_dense_layers` blocks.
+        inter_dim: hidden size of the dense SwiGLU FFN used by the first
+            `n_dense_layers` blocks.
         moe_inter_dim: hidden size of each (fine-grained) expert's SwiGLU FFN.
         n_layers: Transformer blocks of the main model.
         n_dense_layers: leading blocks that use a dense FFN instead of MoE (V3: 3).
@@ -32,25 +35,31 @@ class ModelArgs:
 
     Multi-head Latent Attention (report 2.1.1)
         n_heads: attention heads n_h.
-        q_lora_rank: rank d_c' of the query compression; 0 means a plain query projection.
+        q_lora_rank: rank d_c' of the query compression; 0 means a plain query
+            projection.
         kv_lora_rank: rank d_c of the joint key-value latent c_KV.
         qk_nope_head_dim: per-head query/key dims without RoPE (d_h).
-        qk_rope_head_dim: decoupled RoPE dims d_h^R (one key shared by all heads); must be even.
+        qk_rope_head_dim: decoupled RoPE dims d_h^R (one key shared by all heads);
+            must be even.
         v_head_dim: per-head value dims.
-        attn_impl: "naive" caches per-head keys and values, "absorb" caches only the latent and the
-            rotated RoPE key and folds W_UK / W_UV into the query / output.
+        attn_impl: "naive" caches per-head keys and values, "absorb" caches only the
+            latent and the rotated RoPE key and folds W_UK / W_UV into the query /
+            output.
 
     DeepSeekMoE (report 2.1.2)
         n_routed_experts: routed experts N_r.
         n_shared_experts: shared experts N_s (always applied).
         n_activated_experts: routed experts chosen per token K_r.
-        n_expert_groups: groups the routed experts are split into (V3: 8, one per node).
+        n_expert_groups: groups the routed experts are split into (V3: 8, one per
+            node).
         n_limited_groups: groups a token may route to (V3: M = 4 nodes).
         score_func: "sigmoid" (V3) or "softmax" (V2) affinity.
         route_scale: factor applied to the normalized gating weights.
         bias_update_speed: gamma of the auxiliary-loss-free bias update.
-        seq_aux_alpha: alpha of the complementary sequence-wise balance loss (report: 0.0001).
-        aux_loss_alpha: weight of a classic expert-level auxiliary loss (0 in V3; for baselines).
+        seq_aux_alpha: alpha of the complementary sequence-wise balance loss
+            (report: 0.0001).
+        aux_loss_alpha: weight of a classic expert-level auxiliary loss (0 in V3; for
+            baselines).
 
     Rotary embeddings and YaRN (report 4.3)
         rope_theta: RoPE base.
@@ -110,22 +119,25 @@ class ModelArgs:
     # ------------------------------------------------------------------ presets
     @classmethod
     def deepseek_v3(cls, **overrides) -> "ModelArgs":
-        """The 671B DeepSeek-V3 shape (for counting and diagrams; never allocate it)."""
+        """The 671B DeepSeek-V3 shape (for counting and diagrams;
+        never allocate it)."""
         return cls(**overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> "ModelArgs":
-        """A shape with every V3 feature switched on that trains on a 2-core CPU in about a minute.
+        """A shape with every V3 feature switched on that trains on a 2-core
+        CPU in about a minute.
 
-        vocab_size 260 fits `dsv3_lite.data.ByteTokenizer` (256 bytes + 4 special tokens).
+        vocab_size 260 fits `dsv3_lite.data.ByteTokenizer`
+        (256 bytes + 4 special tokens).
         """
         base = dict(
-            vocab_size=260, dim=64, inter_dim=192, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
-            max_seq_len=256, max_batch_size=16,
-            n_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-            v_head_dim=16,
-            n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-            n_limited_groups=2, route_scale=1.0,
+            vocab_size=260, dim=64, inter_dim=192, moe_inter_dim=32, n_layers=3,
+            n_dense_layers=1, max_seq_len=256, max_batch_size=16,
+            n_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16,
+            n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+            n_expert_groups=4, n_limited_groups=2, route_scale=1.0,
             rope_factor=1.0, original_seq_len=256, mtp_depth=1, init_std=0.02,
         )
         base.update(overrides)
@@ -137,9 +149,10 @@ class ModelArgs:
 
     # --------------------------------------------------------------- validation
     def __post_init__(self) -> None:
-        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "max_seq_len",
-                    "max_batch_size", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                    "v_head_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+        positive = ["vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers",
+                    "max_seq_len", "max_batch_size", "n_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "n_activated_experts", "n_expert_groups",
                     "n_limited_groups", "original_seq_len"]
         for name in positive:
             value = getattr(self, name)
@@ -147,57 +160,71 @@ class ModelArgs:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} ({value}) must be > 0")
-        for name in ["n_dense_layers", "q_lora_rank", "n_shared_experts", "mtp_depth"]:
+        for name in ["n_dense_layers", "q_lora_rank", "n_shared_experts",
+                     "mtp_depth"]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} ({value}) must be >= 0")
-        for name in ["route_scale", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "rope_theta",
-                     "rope_factor", "beta_fast", "beta_slow", "mscale", "rms_norm_eps", "init_std"]:
+        for name in ["route_scale", "bias_update_speed", "seq_aux_alpha",
+                     "aux_loss_alpha", "rope_theta", "rope_factor", "beta_fast",
+                     "beta_slow", "mscale", "rms_norm_eps", "init_std"]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+                raise TypeError(f"{name} must be a number, got "
+                                f"{type(value).__name__}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} ({value}) must be finite")
         for name in ["route_scale", "rms_norm_eps", "init_std", "beta_slow"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
-        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mscale"]:
+        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha",
+                     "mscale"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
         if not self.rope_theta > 1:
-            raise ValueError(f"rope_theta ({self.rope_theta}) must be > 1 (the frequencies are rope_theta^(-2i/d))")
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be > 1 "
+                             "(the frequencies are rope_theta^(-2i/d))")
         if self.rope_factor < 1:
-            raise ValueError(f"rope_factor ({self.rope_factor}) must be >= 1 (1 means no YaRN extension)")
+            raise ValueError(f"rope_factor ({self.rope_factor}) must be >= 1 "
+                             "(1 means no YaRN extension)")
         if self.beta_fast <= self.beta_slow:
-            raise ValueError(f"beta_fast ({self.beta_fast}) must be > beta_slow ({self.beta_slow})")
+            raise ValueError(f"beta_fast ({self.beta_fast}) must be > beta_slow "
+                             f"({self.beta_slow})")
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be "
+                             "even (RoPE rotates pairs)")
         if self.n_dense_layers > self.n_layers:
-            raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be <= n_layers ({self.n_layers})")
+            raise ValueError(f"n_dense_layers ({self.n_dense_layers}) must be <= "
+                             f"n_layers ({self.n_layers})")
         if self.n_activated_experts > self.n_routed_experts:
-            raise ValueError(f"n_activated_experts ({self.n_activated_experts}) must be <= "
-                             f"n_routed_experts ({self.n_routed_experts})")
+            raise ValueError(f"n_activated_experts ({self.n_activated_experts}) must "
+                             f"be <= n_routed_experts ({self.n_routed_experts})")
         if self.n_routed_experts % self.n_expert_groups:
-            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible by "
-                             f"n_expert_groups ({self.n_expert_groups})")
+            raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be "
+                             f"divisible by n_expert_groups ({self.n_expert_groups})")
         if self.n_limited_groups > self.n_expert_groups:
             raise ValueError(f"n_limited_groups ({self.n_limited_groups}) must be <= "
                              f"n_expert_groups ({self.n_expert_groups})")
-        eligible = self.n_limited_groups * (self.n_routed_experts // self.n_expert_groups)
+        eligible = self.n_limited_groups * (self.n_routed_experts
+                                            // self.n_expert_groups)
         if self.n_activated_experts > eligible:
-            raise ValueError(f"n_activated_experts ({self.n_activated_experts}) must be <= the experts in "
-                             f"n_limited_groups groups ({eligible})")
+            raise ValueError(f"n_activated_experts ({self.n_activated_experts}) "
+                             "must be <= the experts in n_limited_groups groups "
+                             f"({eligible})")
         if self.score_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_func ({self.score_func!r}) must be 'sigmoid' or 'softmax'")
+            raise ValueError(f"score_func ({self.score_func!r}) must be 'sigmoid' "
+                             "or 'softmax'")
         if self.attn_impl not in ("naive", "absorb"):
-            raise ValueError(f"attn_impl ({self.attn_impl!r}) must be 'naive' or 'absorb'")
+            raise ValueError(f"attn_impl ({self.attn_impl!r}) must be 'naive' "
+                             "or 'absorb'")
 
     # ----------------------------------------------------------------- counting
     @property
     def qk_head_dim(self) -> int:
-        """Per-head query/key width: qk_nope_head_dim + qk_rope_head_dim (192 in V3)."""
+        """Per-head query/key width: qk_nope_head_dim + qk_rope_head_dim
+        (192 in V3)."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
@@ -208,7 +235,8 @@ class ModelArgs:
         """Parameters of one MLA layer (projections and the two latent RMSNorms)."""
         h, d = self.n_heads, self.dim
         if self.q_lora_rank:
-            q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+            q = (d * self.q_lora_rank + self.q_lora_rank
+                 + self.q_lora_rank * h * self.qk_head_dim)
         else:
             q = d * h * self.qk_head_dim
         kv = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
@@ -227,9 +255,11 @@ class ModelArgs:
         return self.n_routed_experts * self.dim + self.n_routed_experts
 
     def moe_params(self, activated: bool = False) -> int:
-        """One MoE FFN: all experts, or only those one token uses (K_r routed + shared)."""
+        """One MoE FFN: all experts, or only those one token uses
+        (K_r routed + shared)."""
         routed = self.n_activated_experts if activated else self.n_routed_experts
-        return (routed + self.n_shared_experts) * self.expert_params() + self.gate_params()
+        return ((routed + self.n_shared_experts) * self.expert_params()
+                + self.gate_params())
 
     def block_params(self, moe: bool, activated: bool = False) -> int:
         ffn = self.moe_params(activated) if moe else self.dense_ffn_params()
@@ -239,14 +269,17 @@ class ModelArgs:
         return self.vocab_size * self.dim
 
     def mtp_module_params(self) -> int:
-        """Unique parameters of one MTP module: two RMSNorms, the 2d->d projection, one MoE block (or a
-        dense one when the model has no MoE layers) and its final norm; embedding and head are shared."""
-        return 2 * self.dim + 2 * self.dim * self.dim + self.block_params(moe=self.n_moe_layers > 0) + self.dim
+        """Unique parameters of one MTP module: two RMSNorms, the 2d->d projection,
+        one MoE block (or a dense one when the model has no MoE layers) and its final
+        norm; embedding and head are shared."""
+        return (2 * self.dim + 2 * self.dim * self.dim
+                + self.block_params(moe=self.n_moe_layers > 0) + self.dim)
 
     def param_breakdown(self, activated: bool = False) -> dict[str, int]:
         """Parameters per component of the main model (MTP excluded)."""
         blocks = (self.n_dense_layers * self.block_params(moe=False)
-                  + self.n_moe_layers * self.block_params(moe=True, activated=activated))
+                  + self.n_moe_layers * self.block_params(moe=True,
+                                                          activated=activated))
         attention = self.n_layers * self.attention_params()
         moe = self.n_moe_layers * self.moe_params(activated)
         return {
@@ -254,32 +287,38 @@ class ModelArgs:
             "attention (MLA)": attention,
             "dense FFN": self.n_dense_layers * self.dense_ffn_params(),
             "MoE": moe,
-            "norms": blocks - attention - moe - self.n_dense_layers * self.dense_ffn_params() + self.dim,
+            "norms": (blocks - attention - moe
+                      - self.n_dense_layers * self.dense_ffn_params() + self.dim),
             "output head": self.embedding_params(),
         }
 
     def num_params(self) -> int:
-        """Total parameters of the main model (embedding, blocks, final norm, head); MTP excluded."""
+        """Total parameters of the main model (embedding, blocks, final norm, head);
+        MTP excluded."""
         return sum(self.param_breakdown().values())
 
     def num_activated_params(self, include_embedding: bool = True) -> int:
-        """Parameters one token touches in the main model; the input embedding is a lookup, so the report
-        also quotes the figure without it."""
+        """Parameters one token touches in the main model; the input embedding is a
+        lookup, so the report also quotes the figure without it."""
         total = sum(self.param_breakdown(activated=True).values())
         return total if include_embedding else total - self.embedding_params()
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """MLA cache of the whole model for one token: (kv_lora_rank + qk_rope_head_dim) x n_layers."""
-        return mla_cache_elems(self.kv_lora_rank, self.qk_rope_head_dim) * self.n_layers * bytes_per_element
+        """MLA cache of the whole model for one token:
+        (kv_lora_rank + qk_rope_head_dim) x n_layers."""
+        return (mla_cache_elems(self.kv_lora_rank, self.qk_rope_head_dim)
+                * self.n_layers * bytes_per_element)
 
     def yarn_mscale(self) -> float:
-        """YaRN's attention-scale factor 0.1 * mscale * ln(rope_factor) + 1 (1 without extension)."""
+        """YaRN's attention-scale factor 0.1 * mscale * ln(rope_factor) + 1
+        (1 without extension)."""
         if self.rope_factor <= 1:
             return 1.0
         return 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
 
     def softmax_scale(self) -> float:
-        """qk_head_dim^-0.5, times mscale^2 when the context is extended (V3 at factor 40: 0.1352)."""
+        """qk_head_dim^-0.5, times mscale^2 when the context is extended
+        (V3 at factor 40: 0.1352)."""
         scale = self.qk_head_dim ** -0.5
         if self.max_seq_len > self.original_seq_len:
             scale *= self.yarn_mscale() ** 2

@@ -1,24 +1,29 @@
-"""Decoding with the KV cache: greedy, sampled, and self-speculative with the MTP modules (report 2.2, 5.4.3).
+"""Decoding with the KV cache: greedy, sampled, and self-speculative with the
+MTP modules (report 2.2, 5.4.3).
 
-Plain decoding runs one main-model forward per new token. Speculative decoding lets the MTP modules draft
-the next D tokens cheaply (each depth is one block), then checks all of them with ONE main-model forward
-over [last token, draft_1 .. draft_D]:
+Plain decoding runs one main-model forward per new token. Speculative decoding lets
+the MTP modules draft the next D tokens cheaply (each depth is one block), then checks
+all of them with ONE main-model forward over [last token, draft_1 .. draft_D]:
 
-- greedy (temperature 0): keep the longest prefix of drafts equal to the main model's own argmax, then
-  append the main model's token at the first disagreement (or after the last draft). The output is exactly
-  what plain greedy decoding produces; only the number of main-model forwards changes.
-- sampling (temperature > 0): accept draft x with probability min(1, p(x) / q(x)) (p: main model, q: MTP
-  draft distribution); at the first rejection sample from the residual max(0, p - q), normalised; if all
-  are accepted, sample one more token from p. Every emitted token is then distributed exactly as under p
+- greedy (temperature 0): keep the longest prefix of drafts equal to the main
+  model's own argmax, then append the main model's token at the first disagreement
+  (or after the last draft). The output is exactly what plain greedy decoding
+  produces; only the number of main-model forwards changes.
+- sampling (temperature > 0): accept draft x with probability min(1, p(x) / q(x))
+  (p: main model, q: MTP draft distribution); at the first rejection sample
+  from the residual max(0, p - q), normalised; if all are accepted, sample one
+  more token from p. Every emitted token is then distributed exactly as under p
   (Leviathan et al. 2023; Chen et al. 2023).
 
-A batch shares one position counter (the attention caches are indexed by position), so it advances by the
-shortest accepted prefix of its sequences; acceptance statistics count every sequence's own agreement.
+A batch shares one position counter (the attention caches are indexed by position),
+so it advances by the shortest accepted prefix of its sequences; acceptance statistics
+count every sequence's own agreement.
 
-The caches stay consistent with the accepted tokens without copying anything: a cache entry at position i
-is only read by queries at positions >= i, and the next forward at a position overwrites whatever a
-rejected draft left there. MTP depth k at position i reads the token t_{i+k}, so its entries at the last
-k - 1 positions depend on drafts; those are recomputed at the next step (`_Drafter`).
+The caches stay consistent with the accepted tokens without copying anything: a cache
+entry at position i is only read by queries at positions >= i, and the next forward at
+a position overwrites whatever a rejected draft left there. MTP depth k at position i
+reads the token t_{i+k}, so its entries at the last k - 1 positions depend on drafts;
+those are recomputed at the next step (`_Drafter`).
 """
 from __future__ import annotations
 
@@ -32,16 +37,21 @@ from dsv3_lite.model import Transformer
 
 @dataclass
 class GenerationStats:
-    """What one `generate` call did. Drafting counts are summed over the batch's sequences."""
+    """What one `generate` call did. Drafting counts are summed over the
+    batch's sequences."""
 
     batch_size: int
     new_tokens: int                  # tokens generated per sequence
     main_forwards: int = 0           # main-model forward passes, the prefill included
-    drafted: list[int] = field(default_factory=list)   # per depth k: drafts checked (depths < k all accepted)
+    drafted: list[int] = field(default_factory=list)   # per depth k: drafts checked
+                                                       # (depths < k all accepted)
     accepted: list[int] = field(default_factory=list)  # per depth k: drafts accepted
-    draft_positions: list[int] = field(default_factory=list)  # per verify step: position of the first draft
-    accepted_per_step: list[torch.Tensor] = field(default_factory=list)  # per verify step: (B,) drafts accepted
-    drafts: list[torch.Tensor] = field(default_factory=list)  # per verify step: (B, depth) drafted tokens
+    # per verify step: position of the first draft
+    draft_positions: list[int] = field(default_factory=list)
+    # per verify step: (B,) drafts accepted
+    accepted_per_step: list[torch.Tensor] = field(default_factory=list)
+    # per verify step: (B, depth) drafted tokens
+    drafts: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0             # wall-clock time of the whole call
 
     @property
@@ -51,12 +61,14 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Acceptance of the first draft: the report's "acceptance rate of the second token prediction"."""
+        """Acceptance of the first draft: the report's "acceptance rate of the
+        second token prediction"."""
         return self.acceptance_by_depth[0] if self.drafted else float("nan")
 
     @property
     def tokens_per_forward(self) -> float:
-        """New tokens per sequence per main-model forward (exactly 1 for plain decoding)."""
+        """New tokens per sequence per main-model forward
+        (exactly 1 for plain decoding)."""
         return self.new_tokens / self.main_forwards
 
     @property
@@ -73,46 +85,57 @@ def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _finite(logits: torch.Tensor, position: int) -> torch.Tensor:
-    """`logits` (B, V), or (B, S, V) for the tokens at positions `position`.., if every entry is finite: NaN
-    logits (an FP16 overflow, diverged weights) would decode as the same token for ever. One check per
-    main-model forward (one device sync), none per layer."""
+    """`logits` (B, V), or (B, S, V) for the tokens at positions `position`..,
+    if every entry is finite: NaN logits (an FP16 overflow, diverged weights)
+    would decode as the same token for ever. One check per main-model forward
+    (one device sync), none per layer."""
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(-1).reshape(len(logits), -1).any(0)
         raise FloatingPointError(
-            f"the model's logits for the token at position {position + int(bad.nonzero()[0])} are not finite "
-            f"(NaN or inf), so no token can be decoded from them: check the weights (torch.isfinite on each "
-            f"parameter) and run in FP32 or BF16 rather than FP16")
+            "the model's logits for the token at position "
+            f"{position + int(bad.nonzero()[0])} are not finite (NaN or inf), so no "
+            "token can be decoded from them: check the weights (torch.isfinite on "
+            "each parameter) and run in FP32 or BF16 rather than FP16")
     return logits
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float,
+          generator: torch.Generator | None) -> torch.Tensor:
     """Greedy (temperature 0) or sampled token ids for logits (..., V)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = _probs(logits, temperature)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1,
+                             generator=generator).view(probs.shape[:-1])
 
 
-def verify_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
-                  temperature: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def verify_drafts(target_logits: torch.Tensor, drafts: torch.Tensor,
+                  draft_probs: torch.Tensor | None, temperature: float,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decide how many drafts each sequence keeps and which token follows them.
 
-    target_logits (B, D+1, V): the main model's logits at the last accepted token and at each draft;
-    drafts (B, D); draft_probs (B, D, V): the distributions the drafts were sampled from (unused when
-    greedy). Returns n_accepted (B,) in [0, D] and the next token (B,): the main model's correction at the
-    first rejected draft, or its own next token after D accepted drafts.
+    target_logits (B, D+1, V): the main model's logits at the last accepted token and
+    at each draft; drafts (B, D); draft_probs (B, D, V): the distributions the drafts
+    were sampled from (unused when greedy). Returns n_accepted (B,) in [0, D] and the
+    next token (B,): the main model's correction at the first rejected draft, or its
+    own next token after D accepted drafts.
     """
-    if target_logits.ndim != 3 or drafts.ndim != 2 or target_logits.shape[:2] != (len(drafts), drafts.shape[1] + 1):
-        raise ValueError(f"target_logits {tuple(target_logits.shape)} must be (B, D+1, V) for drafts (B, D) "
-                         f"{tuple(drafts.shape)}")
-    if temperature > 0 and drafts.shape[1] and (draft_probs is None or draft_probs.shape != (
-            *drafts.shape, target_logits.shape[-1])):
+    if (target_logits.ndim != 3 or drafts.ndim != 2
+            or target_logits.shape[:2] != (len(drafts), drafts.shape[1] + 1)):
+        raise ValueError(f"target_logits {tuple(target_logits.shape)} must be "
+                         f"(B, D+1, V) for drafts (B, D) {tuple(drafts.shape)}")
+    if temperature > 0 and drafts.shape[1] and (
+            draft_probs is None
+            or draft_probs.shape != (*drafts.shape, target_logits.shape[-1])):
         shape = None if draft_probs is None else tuple(draft_probs.shape)
-        raise ValueError(f"draft_probs ({shape}) must be (B, D, V) = {(*drafts.shape, target_logits.shape[-1])} "
-                         f"when temperature > 0")
+        raise ValueError(f"draft_probs ({shape}) must be (B, D, V) = "
+                         f"{(*drafts.shape, target_logits.shape[-1])} when "
+                         "temperature > 0")
     n_drafts = drafts.shape[1]
     if n_drafts == 0:
-        return drafts.new_zeros(len(drafts)), _pick(target_logits[:, 0], temperature, generator)
+        return (drafts.new_zeros(len(drafts)),
+                _pick(target_logits[:, 0], temperature, generator))
     if temperature == 0:
         target = target_logits.argmax(dim=-1)
         keep = drafts == target[:, :n_drafts]
@@ -124,38 +147,47 @@ def verify_drafts(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     u = torch.rand(p_draft.shape, generator=generator, device=p.device)
     keep = u * q_draft < p_draft  # accept with probability min(1, p / q)
     n_accepted = keep.long().cumprod(dim=1).sum(dim=1)
-    # After a rejection at depth j: the residual max(0, p_j - q_j); after D acceptances: p_D itself.
-    residual = torch.cat([(p[:, :n_drafts] - draft_probs).clamp_min(0), p[:, n_drafts:]], dim=1)
+    # After a rejection at depth j: the residual max(0, p_j - q_j); after D
+    # acceptances: p_D itself.
+    residual = torch.cat(
+        [(p[:, :n_drafts] - draft_probs).clamp_min(0), p[:, n_drafts:]], dim=1)
     rows = torch.arange(len(drafts), device=p.device)
     dist = residual[rows, n_accepted]
-    empty = dist.sum(-1, keepdim=True) <= 0  # p == q: a rejection has probability 0; fall back to p
+    # p == q: a rejection has probability 0; fall back to p
+    empty = dist.sum(-1, keepdim=True) <= 0
     dist = torch.where(empty, p[rows, n_accepted], dist)
     return n_accepted, torch.multinomial(dist, 1, generator=generator).squeeze(1)
 
 
 class _Drafter:
-    """Runs the MTP chain during decoding and keeps its caches consistent with the accepted tokens.
+    """Runs the MTP chain during decoding and keeps its caches consistent
+    with the accepted tokens.
 
-    hidden[k] holds h^k for every position computed so far (h^0 from the main model). fresh[k] is the first
-    position whose depth-k entries must be recomputed: with n committed tokens, depth k at position i reads
-    t_{i+k}, which is committed only for i <= n-1-k.
+    hidden[k] holds h^k for every position computed so far (h^0 from the main model).
+    fresh[k] is the first position whose depth-k entries must be recomputed:
+    with n committed tokens, depth k at position i reads t_{i+k}, which is
+    committed only for i <= n-1-k.
     """
 
     def __init__(self, model: Transformer, batch_size: int, length: int, depth: int):
         self.model, self.depth = model, depth
         weight = model.embed.weight
-        self.hidden = [weight.new_zeros(batch_size, length, model.args.dim) for _ in range(depth)]
+        self.hidden = [weight.new_zeros(batch_size, length, model.args.dim)
+                       for _ in range(depth)]
         self.fresh = [0] * (depth + 1)
 
     @torch.no_grad()
     def draft(self, seq: torch.Tensor, n: int, depth: int, temperature: float,
-              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Draft seq[:, n : n + depth] (written in place) from the n committed tokens; return the drafts and
-        their distributions. Every depth runs at positions fresh[k] .. n-2; its last one drafts a token."""
+              generator: torch.Generator | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft seq[:, n : n + depth] (written in place) from the n committed tokens;
+        return the drafts and their distributions. Every depth runs at positions
+        fresh[k] .. n-2; its last one drafts a token."""
         probs = []
         for k in range(1, depth + 1):
             lo = self.fresh[k]
-            h, _ = self.model.mtp[k - 1](self.hidden[k - 1][:, lo:n - 1], seq[:, lo + k:n - 1 + k], start_pos=lo)
+            h, _ = self.model.mtp[k - 1](self.hidden[k - 1][:, lo:n - 1],
+                                         seq[:, lo + k:n - 1 + k], start_pos=lo)
             if k < self.depth:
                 self.hidden[k][:, lo:n - 1] = h
             logits = self.model.head(h[:, -1])
@@ -166,48 +198,61 @@ class _Drafter:
         return seq[:, n:n + depth], torch.stack(probs, dim=1) if probs else None
 
 
-def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float,
-                speculative: bool, draft_depth: int | None, generator: torch.Generator | None) -> int:
+def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
+                temperature: float, speculative: bool, draft_depth: int | None,
+                generator: torch.Generator | None) -> int:
     model.check_tokens(tokens)
     device = model.embed.weight.device
     if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}: "
-                         f"create it with torch.Generator(device={str(device)!r})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generator is on {generator.device} but "
+                         f"the model is on {device}: create it with "
+                         f"torch.Generator(device={str(device)!r})")
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens ({max_new_tokens!r}) must be an int >= 1")
     total = tokens.shape[1] + max_new_tokens
     if total > model.args.max_seq_len:
-        raise ValueError(f"prompt length + max_new_tokens ({tokens.shape[1]} + {max_new_tokens}) must be <= "
+        raise ValueError("prompt length + max_new_tokens "
+                         f"({tokens.shape[1]} + {max_new_tokens}) must be <= "
                          f"max_seq_len ({model.args.max_seq_len})")
     if not temperature >= 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0")
     if not speculative:
         if draft_depth is not None:
-            raise ValueError(f"draft_depth ({draft_depth}) is only used with speculative=True")
+            raise ValueError(f"draft_depth ({draft_depth}) is only used with "
+                             "speculative=True")
         return 0
     depth = len(model.mtp) if draft_depth is None else draft_depth
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(model.mtp):
-        raise ValueError(f"draft_depth ({depth}) must be in [1, the model's MTP depth ({len(model.mtp)})]; "
-                         f"speculative decoding needs a model built with mtp_depth >= 1")
+    if (isinstance(depth, bool) or not isinstance(depth, int)
+            or not 1 <= depth <= len(model.mtp)):
+        raise ValueError(f"draft_depth ({depth}) must be in [1, the model's MTP "
+                         f"depth ({len(model.mtp)})]; speculative decoding needs a "
+                         "model built with mtp_depth >= 1")
     return depth
 
 
-def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             speculative: bool = False, draft_depth: int | None = None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, GenerationStats]:
-    """Continue each prompt in `tokens` (B, P) by `max_new_tokens` tokens with the KV cache.
+def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
+             temperature: float = 0.0, speculative: bool = False,
+             draft_depth: int | None = None, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, GenerationStats]:
+    """Continue each prompt in `tokens` (B, P) by `max_new_tokens`
+    tokens with the KV cache.
 
-    temperature 0 is greedy; > 0 samples from softmax(logits / temperature) using `generator`.
-    speculative=True drafts `draft_depth` tokens (default: all MTP depths) per main-model forward.
-    Logits that are not finite raise a `FloatingPointError`.
-    Returns the sequences (B, P + max_new_tokens), prompts included, and a `GenerationStats`.
+    temperature 0 is greedy; > 0 samples from softmax(logits / temperature)
+    using `generator`. speculative=True drafts `draft_depth` tokens
+    (default: all MTP depths) per main-model forward. Logits that are not finite raise
+    a `FloatingPointError`. Returns the sequences (B, P + max_new_tokens), prompts
+    included, and a `GenerationStats`.
     """
-    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative, draft_depth, generator)
+    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative,
+                        draft_depth, generator)
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
-    stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth, accepted=[0] * depth)
-    # Inference mode: no autograd bookkeeping at all (faster than no_grad for the many small ops of a
-    # decode step). Its tensors cannot enter autograd later, so the sequences are cloned on the way out.
+    stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth,
+                            accepted=[0] * depth)
+    # Inference mode: no autograd bookkeeping at all (faster than no_grad for the many
+    # small ops of a decode step). Its tensors cannot enter autograd later, so the
+    # sequences are cloned on the way out.
     with torch.inference_mode():
         seq = torch.zeros(batch, total, dtype=tokens.dtype, device=tokens.device)
         seq[:, :prompt_len] = tokens
@@ -218,7 +263,8 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
         try:
             h, _ = model.hidden_states(tokens, 0)  # prefill
             stats.main_forwards += 1
-            seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len), temperature, generator)
+            seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len),
+                                       temperature, generator)
             n = prompt_len + 1
             if depth == 0:
                 for n in range(n, total):
@@ -229,7 +275,8 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
                 drafter = _Drafter(model, batch, total, depth)
                 drafter.hidden[0][:, :prompt_len] = h
                 while n < total:
-                    n = _speculative_step(model, drafter, seq, n, min(depth, total - n - 1), temperature,
+                    n = _speculative_step(model, drafter, seq, n,
+                                          min(depth, total - n - 1), temperature,
                                           generator, stats)
         finally:
             model.free_cache()
@@ -238,14 +285,19 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
     return seq.clone(), stats
 
 
-def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, n: int, depth: int,
-                      temperature: float, generator: torch.Generator | None, stats: GenerationStats) -> int:
-    """Draft `depth` tokens, verify them in one main-model forward, commit; return the new token count."""
+def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
+                      n: int, depth: int, temperature: float,
+                      generator: torch.Generator | None,
+                      stats: GenerationStats) -> int:
+    """Draft `depth` tokens, verify them in one main-model forward, commit;
+    return the new token count."""
     drafts, draft_probs = drafter.draft(seq, n, depth, temperature, generator)
-    h, _ = model.hidden_states(seq[:, n - 1:n + depth], n - 1)  # [last committed token, drafts]
+    # [last committed token, drafts]
+    h, _ = model.hidden_states(seq[:, n - 1:n + depth], n - 1)
     stats.main_forwards += 1
     drafter.hidden[0][:, n - 1:n + depth] = h
-    n_accepted, next_token = verify_drafts(_finite(model.head(h), n), drafts, draft_probs, temperature, generator)
+    n_accepted, next_token = verify_drafts(_finite(model.head(h), n), drafts,
+                                           draft_probs, temperature, generator)
     if depth:
         stats.draft_positions.append(n)
         stats.accepted_per_step.append(n_accepted.clone())
@@ -253,16 +305,19 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor, 
         for k in range(depth):
             stats.drafted[k] += int((n_accepted >= k).sum())
             stats.accepted[k] += int((n_accepted >= k + 1).sum())
-    # The batch keeps its shortest accepted prefix a. A sequence that accepted more keeps its accepted
-    # draft at index a (a correct sample too); the others take their correction / bonus token.
+    # The batch keeps its shortest accepted prefix a. A sequence that accepted more
+    # keeps its accepted draft at index a (a correct sample too); the others take
+    # their correction / bonus token.
     a = int(n_accepted.min())
-    seq[:, n + a] = torch.where(n_accepted == a, next_token, seq[:, n + a] if a < depth else next_token)
+    seq[:, n + a] = torch.where(n_accepted == a, next_token,
+                                seq[:, n + a] if a < depth else next_token)
     return n + a + 1
 
 
 @dataclass
 class SpeedComparison:
-    """Greedy decoding of the same prompts, plain and speculative (see `compare_decoding`)."""
+    """Greedy decoding of the same prompts, plain and speculative
+    (see `compare_decoding`)."""
 
     acceptance_rate: float          # acceptance of the first draft, over all prompts
     acceptance_by_depth: list[float]
@@ -277,10 +332,12 @@ class SpeedComparison:
 
 
 def compare_decoding(model: Transformer, prompts: torch.Tensor, max_new_tokens: int,
-                     draft_depth: int | None = None, repeats: int = 3) -> SpeedComparison:
-    """Decode each prompt (one row of `prompts`) alone, greedily, plain and speculative; keep each prompt's
-    fastest of `repeats` runs of both (timings on a shared machine only ever err upwards). Also checks
-    that both produce the same tokens."""
+                     draft_depth: int | None = None,
+                     repeats: int = 3) -> SpeedComparison:
+    """Decode each prompt (one row of `prompts`) alone, greedily, plain
+    and speculative; keep each prompt's fastest of `repeats` runs of both
+    (timings on a shared machine only ever err upwards). Also checks that both
+    produce the same tokens."""
     if repeats < 1:
         raise ValueError(f"repeats ({repeats}) must be >= 1")
     plain_s = spec_s = 0.0
@@ -288,19 +345,24 @@ def compare_decoding(model: Transformer, prompts: torch.Tensor, max_new_tokens: 
     for prompt in prompts:
         prompt = prompt[None]
         plain = [generate(model, prompt, max_new_tokens) for _ in range(repeats)]
-        spec = [generate(model, prompt, max_new_tokens, speculative=True, draft_depth=draft_depth)
-                for _ in range(repeats)]
+        spec = [generate(model, prompt, max_new_tokens, speculative=True,
+                         draft_depth=draft_depth) for _ in range(repeats)]
         if not torch.equal(plain[0][0], spec[0][0]):
-            raise RuntimeError("speculative greedy decoding diverged from plain greedy decoding")
+            raise RuntimeError("speculative greedy decoding diverged from plain "
+                               "greedy decoding")
         plain_s += min(s.seconds for _, s in plain)
         spec_s += min(s.seconds for _, s in spec)
         stats = spec[0][1]
         forwards += stats.main_forwards
-        drafted = stats.drafted if drafted is None else [a + b for a, b in zip(drafted, stats.drafted)]
-        accepted = stats.accepted if accepted is None else [a + b for a, b in zip(accepted, stats.accepted)]
+        drafted = (stats.drafted if drafted is None
+                   else [a + b for a, b in zip(drafted, stats.drafted)])
+        accepted = (stats.accepted if accepted is None
+                    else [a + b for a, b in zip(accepted, stats.accepted)])
     by_depth = _ratios(accepted, drafted)
     new = len(prompts) * max_new_tokens
-    return SpeedComparison(by_depth[0], by_depth, new / forwards, new / plain_s, new / spec_s)
+    return SpeedComparison(by_depth[0], by_depth, new / forwards, new / plain_s,
+                           new / spec_s)
 
 
-__all__ = ["generate", "verify_drafts", "GenerationStats", "compare_decoding", "SpeedComparison"]
+__all__ = ["generate", "verify_drafts", "GenerationStats", "compare_decoding",
+           "SpeedComparison"]

@@ -1,21 +1,27 @@
-"""Load Hugging Face transformers' `DeepseekV3ForCausalLM` (and its MTP layers) into a dsv3_lite `Transformer`.
+"""Load Hugging Face transformers' `DeepseekV3ForCausalLM` (and its MTP layers)
+into a dsv3_lite `Transformer`.
 
-This module is the one place that knows both naming schemes. transformers follows the released checkpoint
-(`model.layers.{i}.self_attn.q_a_proj`, `mlp.experts`, ...); dsv3_lite follows DeepSeek's reference
-inference code (`layers.{i}.attn.wq_a`, `ffn.experts`, ...). Two layouts differ beyond names:
+This module is the one place that knows both naming schemes. transformers follows
+the released checkpoint (`model.layers.{i}.self_attn.q_a_proj`, `mlp.experts`, ...);
+dsv3_lite follows DeepSeek's reference inference code (`layers.{i}.attn.wq_a`,
+`ffn.experts`, ...). Two layouts differ beyond names:
 
-- RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... A transformers config with
-  `rope_interleave=False` rotates halves (x_j, x_{j + d/2}) instead, so the rope rows of the query projection
-  and of kv_a_proj_with_mqa are permuted; q . k is the same either way.
-- Experts: transformers 5.x fuses every expert's gate and up projections into `experts.gate_up_proj`
-  (E, 2I, H) and the down projections into `experts.down_proj` (E, H, I); checkpoints (and older versions)
-  name each expert `experts.{j}.gate_proj` etc. Both are read.
+- RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... A transformers
+  config with `rope_interleave=False` rotates halves (x_j, x_{j + d/2}) instead,
+  so the rope rows of the query projection and of kv_a_proj_with_mqa are permuted;
+  q . k is the same either way.
+- Experts: transformers 5.x fuses every expert's gate and up projections into
+  `experts.gate_up_proj` (E, 2I, H) and the down projections into `experts.down_proj`
+  (E, H, I); checkpoints (and older versions) name each expert `experts.{j}.gate_proj`
+  etc. Both are read.
 
-The config and the weights fix the model: `from_hf` accepts only overrides that leave its outputs unchanged
-(`OVERRIDABLE`), and a config that does not describe its weights (a weight missing, of another shape, or
-left unused) fails naming the weight and the config field.
+The config and the weights fix the model: `from_hf` accepts only overrides that
+leave its outputs unchanged (`OVERRIDABLE`), and a config that does not describe
+its weights (a weight missing, of another shape, or left unused) fails naming
+the weight and the config field.
 
-transformers itself is imported by the caller, never here, so `import dsv3_lite` does not need it.
+transformers itself is imported by the caller, never here, so `import dsv3_lite`
+does not need it.
 """
 from __future__ import annotations
 
@@ -27,30 +33,35 @@ import torch
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.model import Transformer
 
-_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
-         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm",
+         "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
+         "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
-# The ModelArgs fields an override may set: cache sizes, the attention path and coefficients used only in
-# training leave the loaded model's outputs unchanged. The config and the weights fix every other field.
-OVERRIDABLE = ("max_batch_size", "max_seq_len", "attn_impl", "bias_update_speed", "seq_aux_alpha",
-               "aux_loss_alpha")
-# For error messages, by the first pattern a transformers weight name matches: the config field that decides
-# whether the weight exists, and those that set its shape.
-_EXISTS_BY = ((r"shared_experts\.", "n_shared_experts"), (r"experts\.", "n_routed_experts"),
-              (r"mlp\.", "first_k_dense_replace"), (r"q_(a_|b_)?proj\.|q_a_layernorm\.", "q_lora_rank"),
+# The ModelArgs fields an override may set: cache sizes, the attention path and
+# coefficients used only in training leave the loaded model's outputs unchanged. The
+# config and the weights fix every other field.
+OVERRIDABLE = ("max_batch_size", "max_seq_len", "attn_impl", "bias_update_speed",
+               "seq_aux_alpha", "aux_loss_alpha")
+# For error messages, by the first pattern a transformers weight name matches: the
+# config field that decides whether the weight exists, and those that set its shape.
+_EXISTS_BY = ((r"shared_experts\.", "n_shared_experts"),
+              (r"experts\.", "n_routed_experts"), (r"mlp\.", "first_k_dense_replace"),
+              (r"q_(a_|b_)?proj\.|q_a_layernorm\.", "q_lora_rank"),
               (r"^model\.layers\.", "num_hidden_layers"))
 _SHAPE_BY = (
-    (r"shared_experts\.", ("n_shared_experts", "moe_intermediate_size", "hidden_size")),
+    (r"shared_experts\.", ("n_shared_experts", "moe_intermediate_size",
+                           "hidden_size")),
     (r"experts\.", ("n_routed_experts", "moe_intermediate_size", "hidden_size")),
     (r"mlp\.gate\.", ("n_routed_experts", "hidden_size")),
     (r"mlp\.", ("intermediate_size", "hidden_size")),
     (r"q_a_", ("q_lora_rank", "hidden_size")),
-    (r"q_b_proj|q_proj", ("num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim", "q_lora_rank",
-                          "hidden_size")),
+    (r"q_b_proj|q_proj", ("num_attention_heads", "qk_nope_head_dim",
+                          "qk_rope_head_dim", "q_lora_rank", "hidden_size")),
     (r"kv_a_proj", ("kv_lora_rank", "qk_rope_head_dim", "hidden_size")),
     (r"kv_a_layernorm", ("kv_lora_rank",)),
-    (r"kv_b_proj", ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")),
+    (r"kv_b_proj", ("num_attention_heads", "qk_nope_head_dim", "v_head_dim",
+                    "kv_lora_rank")),
     (r"o_proj", ("num_attention_heads", "v_head_dim", "hidden_size")),
     (r"embed_tokens|lm_head|shared_head", ("vocab_size", "hidden_size")),
     (r"", ("hidden_size",)),  # norms, eh_proj
@@ -62,7 +73,8 @@ def _half_split_order(rope_dim: int) -> torch.Tensor:
 
 
 def rope_rows_to_half_split(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """Reorder the last `rope_dim` rows (dim -2) from DeepSeek's interleaved pairs to transformers' halves."""
+    """Reorder the last `rope_dim` rows (dim -2) from DeepSeek's interleaved
+    pairs to transformers' halves."""
     return rows[..., _half_split_order(rope_dim), :]
 
 
@@ -72,64 +84,82 @@ def rope_rows_to_interleaved(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
 
 
 def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
-    """The `ModelArgs` of a transformers `DeepseekV3Config` (mtp_depth 0; `from_hf` sets it when it loads
-    MTP layers). `overrides` sets fields that leave the model's outputs unchanged (`OVERRIDABLE`)."""
+    """The `ModelArgs` of a transformers `DeepseekV3Config` (mtp_depth 0; `from_hf`
+    sets it when it loads MTP layers). `overrides` sets fields that leave the model's
+    outputs unchanged (`OVERRIDABLE`)."""
     refused = sorted(set(overrides) - set(OVERRIDABLE))
     if refused:
-        raise ValueError(f"cannot override {', '.join(refused)}: the transformers config and weights fix every "
-                         f"field but {', '.join(OVERRIDABLE)} (from_hf sets mtp_depth from mtp_model)")
+        raise ValueError(f"cannot override {', '.join(refused)}: "
+                         "the transformers config and weights fix "
+                         f"every field but {', '.join(OVERRIDABLE)} "
+                         "(from_hf sets mtp_depth from mtp_model)")
     unsupported = {
-        "hidden_act": (config.hidden_act, "silu"), "attention_bias": (config.attention_bias, False),
+        "hidden_act": (config.hidden_act, "silu"),
+        "attention_bias": (config.attention_bias, False),
         "norm_topk_prob": (config.norm_topk_prob, True),
     }
     for name, (value, wanted) in unsupported.items():
         if value != wanted:
-            raise ValueError(f"{name} ({value!r}) is not supported: DeepSeek-V3 uses {wanted!r}")
+            raise ValueError(f"{name} ({value!r}) is not supported: DeepSeek-V3 "
+                             f"uses {wanted!r}")
     rope = dict(config.rope_parameters or {})
     rope_type = rope.get("rope_type", "default")
     fields: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta", 10000.0)))
     if rope_type == "yarn":
         fields.update(rope_factor=float(rope["factor"]),
-                      original_seq_len=int(rope.get("original_max_position_embeddings")
-                                           or config.max_position_embeddings),
-                      beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1),
+                      original_seq_len=int(
+                          rope.get("original_max_position_embeddings")
+                          or config.max_position_embeddings),
+                      beta_fast=rope.get("beta_fast", 32),
+                      beta_slow=rope.get("beta_slow", 1),
                       mscale=float(rope.get("mscale", 1.0)))
         if float(rope.get("mscale_all_dim", 0.0)) != fields["mscale"]:
-            raise ValueError(f"YaRN with mscale ({rope.get('mscale')}) != mscale_all_dim "
-                             f"({rope.get('mscale_all_dim')}) is not supported (DeepSeek-V3: both 1.0)")
+            raise ValueError(f"YaRN with mscale ({rope.get('mscale')}) != "
+                             f"mscale_all_dim ({rope.get('mscale_all_dim')}) is not "
+                             "supported (DeepSeek-V3: both 1.0)")
         if config.max_position_embeddings <= fields["original_seq_len"]:
-            raise ValueError(f"YaRN needs max_position_embeddings ({config.max_position_embeddings}) > "
-                             f"original_max_position_embeddings ({fields['original_seq_len']})")
+            raise ValueError("YaRN needs max_position_embeddings "
+                             f"({config.max_position_embeddings}) > "
+                             "original_max_position_embeddings "
+                             f"({fields['original_seq_len']})")
     elif rope_type == "default":
-        fields.update(rope_factor=1.0, original_seq_len=config.max_position_embeddings)
+        fields.update(rope_factor=1.0,
+                      original_seq_len=config.max_position_embeddings)
     else:
-        raise ValueError(f"rope_type ({rope_type!r}) is not supported: use 'default' or 'yarn'")
+        raise ValueError(f"rope_type ({rope_type!r}) is not supported: use "
+                         "'default' or 'yarn'")
     fields.update(
-        vocab_size=config.vocab_size, dim=config.hidden_size, inter_dim=config.intermediate_size,
+        vocab_size=config.vocab_size, dim=config.hidden_size,
+        inter_dim=config.intermediate_size,
         moe_inter_dim=config.moe_intermediate_size, n_layers=config.num_hidden_layers,
         n_dense_layers=min(config.first_k_dense_replace, config.num_hidden_layers),
-        max_seq_len=config.max_position_embeddings, n_heads=config.num_attention_heads,
-        q_lora_rank=config.q_lora_rank or 0, kv_lora_rank=config.kv_lora_rank,
-        qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-        v_head_dim=config.v_head_dim, n_routed_experts=config.n_routed_experts,
-        n_shared_experts=config.n_shared_experts, n_activated_experts=config.num_experts_per_tok,
-        n_expert_groups=config.n_group, n_limited_groups=config.topk_group, score_func="sigmoid",
-        route_scale=float(config.routed_scaling_factor), rms_norm_eps=config.rms_norm_eps,
-        init_std=config.initializer_range, mtp_depth=0,
+        max_seq_len=config.max_position_embeddings,
+        n_heads=config.num_attention_heads, q_lora_rank=config.q_lora_rank or 0,
+        kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+        n_routed_experts=config.n_routed_experts,
+        n_shared_experts=config.n_shared_experts,
+        n_activated_experts=config.num_experts_per_tok,
+        n_expert_groups=config.n_group, n_limited_groups=config.topk_group,
+        score_func="sigmoid", route_scale=float(config.routed_scaling_factor),
+        rms_norm_eps=config.rms_norm_eps, init_std=config.initializer_range,
+        mtp_depth=0,
     )
     fields.update(overrides)
     if rope_type == "yarn" and fields["max_seq_len"] <= fields["original_seq_len"]:
-        # dsv3_lite (like DeepSeek's code) applies YaRN only when max_seq_len > original_seq_len;
-        # transformers always applies it, so a shorter max_seq_len would silently change the logits.
-        raise ValueError(f"max_seq_len ({fields['max_seq_len']}) must be > original_seq_len "
-                         f"({fields['original_seq_len']}) for a YaRN checkpoint, or its rope would differ")
+        # dsv3_lite (like DeepSeek's code) applies YaRN only when
+        # max_seq_len > original_seq_len; transformers always applies it, so a shorter
+        # max_seq_len would silently change the logits.
+        raise ValueError(f"max_seq_len ({fields['max_seq_len']}) must be > "
+                         f"original_seq_len ({fields['original_seq_len']}) for a "
+                         "YaRN checkpoint, or its rope would differ")
     return ModelArgs(**fields)
 
 
 class _Weights:
-    """A transformers module's tensors (in FP32), taken by name and shape. A weight that is missing, of
-    another shape, or never taken means the config does not describe these weights; the error names the
-    weight and the config field."""
+    """A transformers module's tensors (in FP32), taken by name and shape. A weight
+    that is missing, of another shape, or never taken means the config does not
+    describe these weights; the error names the weight and the config field."""
 
     def __init__(self, module: Any, config: Any):
         self.tensors = {k: v.detach().float() for k, v in module.state_dict().items()}
@@ -143,17 +173,20 @@ class _Weights:
         fields = next((f for pattern, f in table if re.search(pattern, name)), None)
         if fields is None:
             return "the config"
-        return "the config's " + ", ".join(f"{f} ({getattr(self.config, f)})"
-                                           for f in ((fields,) if isinstance(fields, str) else fields))
+        return "the config's " + ", ".join(
+            f"{f} ({getattr(self.config, f)})"
+            for f in ((fields,) if isinstance(fields, str) else fields))
 
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.tensors:
-            raise ValueError(f"transformers weight {name!r} is missing: the weights do not match "
-                             f"{self._fields(name, _EXISTS_BY)}")
+            raise ValueError(f"transformers weight {name!r} is missing: the weights "
+                             f"do not match {self._fields(name, _EXISTS_BY)}")
         tensor = self.tensors[name]
         if tensor.shape != shape:
-            raise ValueError(f"transformers weight {name!r} has shape {tuple(tensor.shape)}, but the config "
-                             f"implies {tuple(shape)}: the weights do not match {self._fields(name, _SHAPE_BY)}")
+            raise ValueError(f"transformers weight {name!r} has shape "
+                             f"{tuple(tensor.shape)}, but the config implies "
+                             f"{tuple(shape)}: the weights do not match "
+                             f"{self._fields(name, _SHAPE_BY)}")
         self.taken.add(name)
         return tensor
 
@@ -161,14 +194,16 @@ class _Weights:
         unused = sorted(set(self.tensors) - self.taken)
         if unused:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
-            raise ValueError(f"transformers weights {', '.join(unused[:3])}{more} are left unused: the weights "
-                             f"do not match {self._fields(unused[0], _EXISTS_BY)}")
+            raise ValueError(f"transformers weights {', '.join(unused[:3])}{more} "
+                             "are left unused: the weights do not match "
+                             f"{self._fields(unused[0], _EXISTS_BY)}")
 
 
-def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size], args: ModelArgs,
-                 rope_interleave: bool) -> dict[str, torch.Tensor]:
-    """dsv3_lite names (prefix `dst`) -> tensors for one transformers decoder layer (prefix `src`). The
-    dsv3_lite model's `shapes` say which tensors the config calls for, and their shapes."""
+def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size],
+                 args: ModelArgs, rope_interleave: bool) -> dict[str, torch.Tensor]:
+    """dsv3_lite names (prefix `dst`) -> tensors for one transformers decoder layer
+    (prefix `src`). The dsv3_lite model's `shapes` say which tensors the config
+    calls for, and their shapes."""
     out: dict[str, torch.Tensor] = {}
 
     def take(theirs: str, ours: str) -> None:
@@ -180,12 +215,16 @@ def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size]
         if f"{dst}attn.{ours}.weight" in shapes:
             take(f"self_attn.{theirs}.weight", f"attn.{ours}.weight")
     if not rope_interleave:
-        h, nope, r, c = args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
+        h, nope, r, c = (args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim,
+                         args.kv_lora_rank)
         q_name = f"{dst}attn.{'wq' if args.q_lora_rank == 0 else 'wq_b'}.weight"
         q = out[q_name].view(h, nope + r, -1)
-        out[q_name] = torch.cat([q[:, :nope], rope_rows_to_interleaved(q[:, nope:], r)], dim=1).flatten(0, 1)
+        out[q_name] = torch.cat(
+            [q[:, :nope], rope_rows_to_interleaved(q[:, nope:], r)],
+            dim=1).flatten(0, 1)
         kv_a = out[f"{dst}attn.wkv_a.weight"]
-        out[f"{dst}attn.wkv_a.weight"] = torch.cat([kv_a[:c], rope_rows_to_interleaved(kv_a[c:], r)])
+        out[f"{dst}attn.wkv_a.weight"] = torch.cat(
+            [kv_a[:c], rope_rows_to_interleaved(kv_a[c:], r)])
     if f"{dst}ffn.gate.weight" not in shapes:  # a dense layer
         for ours, theirs in _MLP.items():
             take(f"mlp.{theirs}.weight", f"ffn.{ours}.weight")
@@ -193,29 +232,36 @@ def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size]
     take("mlp.gate.weight", "ffn.gate.weight")
     take("mlp.gate.e_score_correction_bias", "ffn.gate.bias")
     n, inter, dim = shapes[f"{dst}ffn.experts.w1"]
-    if f"{src}mlp.experts.gate_up_proj" in hf:  # transformers 5.x in memory; else the checkpoint layout
+    # transformers 5.x in memory; else the checkpoint layout
+    if f"{src}mlp.experts.gate_up_proj" in hf:
         gate_up = hf.take(f"{src}mlp.experts.gate_up_proj", (n, 2 * inter, dim))
-        out[f"{dst}ffn.experts.w1"], out[f"{dst}ffn.experts.w3"] = gate_up.chunk(2, dim=1)
-        out[f"{dst}ffn.experts.w2"] = hf.take(f"{src}mlp.experts.down_proj", (n, dim, inter))
+        (out[f"{dst}ffn.experts.w1"],
+         out[f"{dst}ffn.experts.w3"]) = gate_up.chunk(2, dim=1)
+        out[f"{dst}ffn.experts.w2"] = hf.take(f"{src}mlp.experts.down_proj",
+                                              (n, dim, inter))
     else:  # one matrix per expert and projection, stacked into ours
         for ours, theirs in _MLP.items():
             shape = shapes[f"{dst}ffn.experts.{ours}"][1:]
             out[f"{dst}ffn.experts.{ours}"] = torch.stack(
-                [hf.take(f"{src}mlp.experts.{j}.{theirs}.weight", shape) for j in range(n)])
+                [hf.take(f"{src}mlp.experts.{j}.{theirs}.weight", shape)
+                 for j in range(n)])
     if args.n_shared_experts:
         for ours, theirs in _MLP.items():
-            take(f"mlp.shared_experts.{theirs}.weight", f"ffn.shared_experts.{ours}.weight")
+            take(f"mlp.shared_experts.{theirs}.weight",
+                 f"ffn.shared_experts.{ours}.weight")
     return out
 
 
 @torch.no_grad()
 def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transformer:
-    """A dsv3_lite `Transformer` with the configuration and weights of a transformers `DeepseekV3ForCausalLM`.
+    """A dsv3_lite `Transformer` with the configuration and weights of a
+    transformers `DeepseekV3ForCausalLM`.
 
-    `mtp_model`: optionally transformers' `MtpModel` holding the checkpoint's MTP layers; its layers become
-    the model's MTP modules (mtp_depth = their number). Without it the result has no MTP modules.
-    `overrides`: the `ModelArgs` fields in `OVERRIDABLE` (e.g. max_batch_size, attn_impl), which leave the
-    model's outputs unchanged. Weights are copied in FP32.
+    `mtp_model`: optionally transformers' `MtpModel` holding the checkpoint's MTP
+    layers; its layers become the model's MTP modules (mtp_depth = their number).
+    Without it the result has no MTP modules. `overrides`: the `ModelArgs` fields in
+    `OVERRIDABLE` (e.g. max_batch_size, attn_impl), which leave the model's outputs
+    unchanged. Weights are copied in FP32.
     """
     config = hf_model.config
     depth = len(mtp_model.layers) if mtp_model is not None else 0
@@ -225,28 +271,38 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     hf = _Weights(hf_model, config)
     interleave = bool(getattr(config, "rope_interleave", True))
     state = {ours: hf.take(theirs, shapes[ours]) for ours, theirs in (
-        ("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
-        ("head.weight", "lm_head.weight"))}
+        ("embed.weight", "model.embed_tokens.weight"),
+        ("norm.weight", "model.norm.weight"), ("head.weight", "lm_head.weight"))}
     for i in range(args.n_layers):
-        state.update(_block_state(hf, f"model.layers.{i}.", f"layers.{i}.", shapes, args, interleave))
+        state.update(_block_state(hf, f"model.layers.{i}.", f"layers.{i}.", shapes,
+                                  args, interleave))
     hf.check_all_taken()
     if mtp_model is not None:
         mtp = _Weights(mtp_model, config)
-        for name, ours in (("embed_tokens.weight", "embed.weight"), ("shared_head.weight", "head.weight")):
-            # DeepSeek-V3's MTP modules share the main model's embedding and output head
-            if name in mtp and not torch.equal(mtp.take(name, shapes[ours]), state[ours]):
-                raise ValueError(f"mtp_model's {name} differs from the main model's: dsv3_lite's MTP modules "
-                                 f"share the main model's, as DeepSeek-V3's do")
+        for name, ours in (("embed_tokens.weight", "embed.weight"),
+                           ("shared_head.weight", "head.weight")):
+            # DeepSeek-V3's MTP modules share the main model's embedding
+            # and output head
+            if name in mtp and not torch.equal(mtp.take(name, shapes[ours]),
+                                               state[ours]):
+                raise ValueError(f"mtp_model's {name} differs from the main model's: "
+                                 "dsv3_lite's MTP modules share the main model's, as "
+                                 "DeepSeek-V3's do")
         for k in range(depth):
             src, dst = f"layers.{k}.", f"mtp.{k}."
             for name in ("enorm", "hnorm", "eh_proj"):
-                state[f"{dst}{name}.weight"] = mtp.take(f"{src}{name}.weight", shapes[f"{dst}{name}.weight"])
-            state[f"{dst}norm.weight"] = mtp.take(f"{src}post_norm.weight", shapes[f"{dst}norm.weight"])
-            state.update(_block_state(mtp, f"{src}mtp_block.", f"{dst}block.", shapes, args, interleave))
-            state[f"{dst}embed.weight"], state[f"{dst}head.weight"] = state["embed.weight"], state["head.weight"]
+                state[f"{dst}{name}.weight"] = mtp.take(f"{src}{name}.weight",
+                                                        shapes[f"{dst}{name}.weight"])
+            state[f"{dst}norm.weight"] = mtp.take(f"{src}post_norm.weight",
+                                                  shapes[f"{dst}norm.weight"])
+            state.update(_block_state(mtp, f"{src}mtp_block.", f"{dst}block.", shapes,
+                                      args, interleave))
+            (state[f"{dst}embed.weight"],
+             state[f"{dst}head.weight"]) = state["embed.weight"], state["head.weight"]
         mtp.check_all_taken()
     model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
     return model.eval()
 
 
-__all__ = ["from_hf", "args_from_hf_config", "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved"]
+__all__ = ["from_hf", "args_from_hf_config", "OVERRIDABLE", "rope_rows_to_half_split",
+           "rope_rows_to_interleaved"]

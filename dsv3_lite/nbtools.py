@@ -1,9 +1,10 @@
-"""Helpers for the chapter notebooks only: one plotting style, figures with alt text, source display,
-exercise checks, widget explorers.
+"""Helpers for the chapter notebooks only: one plotting style, figures with alt text,
+source display, exercise checks, widget explorers.
 
-The core package never imports this module (it pulls in matplotlib and IPython). The book's Sphinx build
-loads it as an extension (`extra_extensions` in `_config.yml`, see `setup`), so that the alt text a
-chapter gives a figure with `show_figure` becomes that figure's `<img alt>` in the HTML.
+The core package never imports this module (it pulls in matplotlib and IPython). The
+book's Sphinx build loads it as an extension (`extra_extensions` in `_config.yml`,
+see `setup`), so that the alt text a chapter gives a figure with `show_figure` becomes
+that figure's `<img alt>` in the HTML.
 """
 from __future__ import annotations
 
@@ -20,99 +21,119 @@ from typing import Any, Callable
 import matplotlib as mpl
 import matplotlib.pyplot as plt
 
-PALETTE = ["#1f6feb", "#d1495b", "#2a9d8f", "#e9a23b", "#6f42c1", "#6c757d", "#8c564b", "#17becf"]
+PALETTE = ["#1f6feb", "#d1495b", "#2a9d8f", "#e9a23b", "#6f42c1", "#6c757d",
+           "#8c564b", "#17becf"]
 
-EXPLORER_NOTE = ("Interactive explorer ({names}): run this chapter in Jupyter or Colab to use it. "
-                 "Here, without a live kernel, the figure below shows the same relation.")
+EXPLORER_NOTE = ("Interactive explorer ({names}): run this chapter in Jupyter or "
+                 "Colab to use it. Here, without a live kernel, the figure below "
+                 "shows the same relation.")
 
 
 def use_book_style() -> None:
     """The one matplotlib style every figure of the book uses.
 
-    Figures are laid out at 80 dpi (so `<Figure size 560x288 ...>`, the text nbval compares, stays put)
-    and stored as PNG drawn at twice that resolution and shown at the 80-dpi size, so they are sharp on
-    high-resolution screens; most are reduced to 256 colours, which keeps them smaller than a plain 1x
-    PNG (see `_png_2x`). nbval does not compare PNGs.
+    Figures are laid out at 80 dpi (so `<Figure size 560x288 ...>`, the text nbval
+    compares, stays put) and stored as PNG drawn at twice that resolution and shown
+    at the 80-dpi size, so they are sharp on high-resolution screens; most are reduced
+    to 256 colours, which keeps them smaller than a plain 1x PNG (see `_png_2x`).
+    nbval does not compare PNGs.
     """
     mpl.rcParams.update({
         "figure.figsize": (7.0, 3.6), "figure.dpi": 80, "savefig.dpi": 80,
-        "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-        "axes.prop_cycle": mpl.cycler(color=PALETTE), "font.size": 10, "axes.titlesize": 11,
-        "legend.frameon": False,
+        "axes.grid": True, "grid.alpha": 0.3,
+        "axes.spines.top": False, "axes.spines.right": False,
+        "axes.prop_cycle": mpl.cycler(color=PALETTE), "font.size": 10,
+        "axes.titlesize": 11, "legend.frameon": False,
     })
     shell = _ipython()
     if shell is not None:
         from matplotlib.figure import Figure
 
-        plt.switch_backend(mpl.get_backend())  # load the backend now: it sets IPython's figure formatters
+        # load the backend now: it sets IPython's figure formatters
+        plt.switch_backend(mpl.get_backend())
         shell.display_formatter.formatters["image/png"].for_type(Figure, _png_2x)
 
 
 def _png_2x(fig) -> tuple[str, dict] | None:
     """A figure as base64 PNG drawn at twice its dpi, with its 1x size as metadata.
 
-    Line, bar and text figures are reduced to 256 colours (no visible change at 2x, a third of the
-    bytes); figures with a colour map or transparency keep full colour, for their smooth gradients.
+    Line, bar and text figures are reduced to 256 colours (no visible change at
+    2x, a third of the bytes); figures with a colour map or transparency keep full
+    colour, for their smooth gradients.
     """
     from PIL import Image
 
     if not fig.axes and not fig.lines:
-        return None  # an empty figure shows nothing, as with the inline backend's own formatter
+        # an empty figure shows nothing, as with the inline backend's own formatter
+        return None
     buffer = io.BytesIO()
-    fig.canvas.print_figure(buffer, format="png", dpi=2 * fig.dpi, bbox_inches="tight",
-                            facecolor=fig.get_facecolor(), edgecolor=fig.get_edgecolor())
+    fig.canvas.print_figure(buffer, format="png", dpi=2 * fig.dpi,
+                            bbox_inches="tight", facecolor=fig.get_facecolor(),
+                            edgecolor=fig.get_edgecolor())
     image = Image.open(buffer)
     width, height = image.size
-    colour_mapped = bool(fig.findobj(lambda a: isinstance(a, mpl.cm.ScalarMappable) and a.get_array() is not None))
+    colour_mapped = bool(fig.findobj(lambda a: isinstance(a, mpl.cm.ScalarMappable)
+                                     and a.get_array() is not None))
     if colour_mapped or (image.mode == "RGBA" and image.getextrema()[3][0] < 255):
         png = buffer.getvalue()
     else:
         reduced = image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
         colours = reduced.getpalette()[:768]
-        whitest = max(range(len(colours) // 3), key=lambda i: sum(colours[3 * i:3 * i + 3]))
+        whitest = max(range(len(colours) // 3),
+                      key=lambda i: sum(colours[3 * i:3 * i + 3]))
         if sum(colours[3 * whitest:3 * whitest + 3]) >= 3 * 250:
-            colours[3 * whitest:3 * whitest + 3] = [255, 255, 255]  # a white background stays exactly white
+            # a white background stays exactly white
+            colours[3 * whitest:3 * whitest + 3] = [255, 255, 255]
             reduced.putpalette(colours)
         out = io.BytesIO()
         reduced.save(out, format="png", optimize=True)
         png = out.getvalue()
-    return base64.b64encode(png).decode("ascii"), {"width": width // 2, "height": height // 2}
+    return base64.b64encode(png).decode("ascii"), {"width": width // 2,
+                                                   "height": height // 2}
 
 
 def show_figure(alt: str, fig: Any = None) -> None:
-    """Show `fig` (default: the current figure) with alt text; use it in place of `plt.show()`.
+    """Show `fig` (default: the current figure) with alt text; use it in
+    place of `plt.show()`.
 
-    `alt` says what the figure shows, in a sentence or two, for readers who cannot see it (screen
-    readers, or a figure that failed to load): the quantities on the axes and the point it makes, e.g.
-    "KV cache per token against context length: MLA's line stays 57 times below MHA's". The rendered
-    book puts it in the figure's `<img alt>`; in Jupyter it travels in the output's metadata. The
-    outputs nbval compares are exactly those of `plt.show()`.
+    `alt` says what the figure shows, in a sentence or two, for readers who cannot
+    see it (screen readers, or a figure that failed to load): the quantities on the
+    axes and the point it makes, e.g. "KV cache per token against context length:
+    MLA's line stays 57 times below MHA's". The rendered book puts it in the figure's
+    `<img alt>`; in Jupyter it travels in the output's metadata. The outputs nbval
+    compares are exactly those of `plt.show()`.
     """
     from IPython.display import display
 
     if not isinstance(alt, str) or not alt.strip():
-        raise ValueError("alt must be a non-empty sentence that says what the figure shows")
+        raise ValueError("alt must be a non-empty sentence that says what the "
+                         "figure shows")
     fig = plt.gcf() if fig is None else fig
     display(fig, metadata={"image/png": {"alt": " ".join(alt.split())}})
-    plt.close(fig)  # shown once: the inline backend would display a figure left open again
+    # shown once: the inline backend would display a figure left open again
+    plt.close(fig)
 
 
 def show_source(obj: Any) -> None:
-    """Display the real source of a dsv3_lite function or class, highlighted, in the notebook."""
+    """Display the real source of a dsv3_lite function or class, highlighted,
+    in the notebook."""
     from IPython.display import Markdown, display
 
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
 
 
 def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> None:
-    """Self-check for an exercise: prints whether `answer` matches `expected` (numbers within rel_tol).
+    """Self-check for an exercise: prints whether `answer` matches `expected`
+    (numbers within rel_tol).
 
-    It prints only "not attempted yet", "correct" or "not quite, try again", never the expected value.
-    The book's convention (tests/test_book_browser.py checks it in the rendered HTML): the visible
-    self-check cell does not reveal the answer either, so it passes a name, not an expression, e.g.
-    `check("Exercise 2", answer_2, expected[2])`, with `expected` computed in a cell tagged
-    `remove-cell` (absent from the book) at the start of the exercises. The worked answer lives only
-    in the exercise's collapsed solution (`:::{dropdown} Solution` or `<details><summary>Solution`).
+    It prints only "not attempted yet", "correct" or "not quite, try again",
+    never the expected value. The book's convention (tests/test_book_browser.py
+    checks it in the rendered HTML): the visible self-check cell does not
+    reveal the answer either, so it passes a name, not an expression, e.g.
+    `check("Exercise 2", answer_2, expected[2])`, with `expected` computed
+    in a cell tagged `remove-cell` (absent from the book) at the start of the
+    exercises. The worked answer lives only in the exercise's collapsed solution
+    (`:::{dropdown} Solution` or `<details><summary>Solution`).
     """
     if answer is None:
         print(f"{label}: not attempted yet (set your answer and re-run this cell)")
@@ -125,13 +146,16 @@ def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> None
 
 
 def explorer(describe: Callable[..., str], **sliders: Any):
-    """Sliders plus a read-out that shows `describe(**slider_values)` and updates as they move.
+    """Sliders plus a read-out that shows `describe(**slider_values)`
+    and updates as they move.
 
-    It writes nothing to the cell's output stream (unlike `ipywidgets.interact`, whose printing leaks into
-    stdout when a notebook runs headless), so executed notebooks stay deterministic. Where no widget can
-    run (the static book, which drops widget views; a viewer without a kernel) its output shows a short
-    note instead, as text/html and text/plain (deterministic: nbval compares them): run the chapter in
-    Jupyter or Colab to use the explorer; the static figure after it shows the same relation.
+    It writes nothing to the cell's output stream (unlike `ipywidgets.interact`,
+    whose printing leaks into stdout when a notebook runs headless), so executed
+    notebooks stay deterministic. Where no widget can run (the static book, which
+    drops widget views; a viewer without a kernel) its output shows a short note
+    instead, as text/html and text/plain (deterministic: nbval compares them):
+    run the chapter in Jupyter or Colab to use the explorer; the static figure
+    after it shows the same relation.
     """
     import ipywidgets as widgets
 
@@ -140,7 +164,8 @@ def explorer(describe: Callable[..., str], **sliders: Any):
             bundle = super()._repr_mimebundle_(**kwargs) or {}
             note = EXPLORER_NOTE.format(names=", ".join(sliders))
             bundle["text/plain"] = note
-            bundle["text/html"] = f'<div class="dsv3-explorer-note" role="note"><p>{html.escape(note)}</p></div>'
+            bundle["text/html"] = ('<div class="dsv3-explorer-note" role="note">'
+                                   f'<p>{html.escape(note)}</p></div>')
             return bundle
 
     readout = widgets.HTML()
@@ -169,17 +194,20 @@ def _ipython():
     return get_ipython()
 
 
-# --- The book's Sphinx build (Jupyter Book loads this module as an extension) ---------------------------
+# --- The book's Sphinx build (Jupyter Book loads this module as an extension) -------
 
 def _image_alt_texts(notebook: pathlib.Path) -> dict[str, str]:
-    """sha256 of each image output's bytes -> its alt text (myst-nb names image files by that hash)."""
+    """sha256 of each image output's bytes -> its alt text (myst-nb names
+    image files by that hash)."""
     alts = {}
     for cell in json.loads(notebook.read_text(encoding="utf-8")).get("cells", []):
         for output in cell.get("outputs", []):
             for mime, meta in (output.get("metadata") or {}).items():
                 data = output.get("data", {}).get(mime)
-                if mime in {"image/png", "image/jpeg"} and isinstance(meta, dict) and meta.get("alt") and data:
-                    raw = base64.b64decode("".join(data) if isinstance(data, list) else data)
+                if (mime in {"image/png", "image/jpeg"} and isinstance(meta, dict)
+                        and meta.get("alt") and data):
+                    raw = base64.b64decode("".join(data) if isinstance(data, list)
+                                           else data)
                     alts[hashlib.sha256(raw).hexdigest()] = meta["alt"]
     return alts
 
@@ -198,8 +226,9 @@ def _set_image_alt_texts(app, doctree) -> None:
 
 
 def _drop_repeated_scripts(app, pagename, templatename, context, doctree) -> None:
-    # Sphinx 7 writes an inline script that an extension adds while reading twice; sphinx-thebe's
-    # `const THEBE_JS_URL = ...` then throws "already declared" on every page.
+    # Sphinx 7 writes an inline script that an extension adds while reading
+    # twice; sphinx-thebe's `const THEBE_JS_URL = ...` then throws "already
+    # declared" on every page.
     seen, scripts = set(), []
     for script in context.get("script_files", []):
         key = (script.filename or "", tuple(sorted(script.attributes.items())))
@@ -210,10 +239,12 @@ def _drop_repeated_scripts(app, pagename, templatename, context, doctree) -> Non
 
 
 def setup(app) -> dict:
-    """Sphinx extension: figure alt text from `show_figure`, and each inline script written once."""
+    """Sphinx extension: figure alt text from `show_figure`, and each inline
+    script written once."""
     app.connect("doctree-read", _set_image_alt_texts)
     app.connect("html-page-context", _drop_repeated_scripts)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
-__all__ = ["PALETTE", "use_book_style", "show_figure", "show_source", "check", "explorer", "sig", "plt"]
+__all__ = ["PALETTE", "use_book_style", "show_figure", "show_source", "check",
+           "explorer", "sig", "plt"]

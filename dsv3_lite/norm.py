@@ -1,4 +1,5 @@
-"""RMSNorm, the only normalisation DeepSeek-V3 uses (pre-norm blocks, MLA latents, MTP inputs)."""
+"""RMSNorm, the only normalisation DeepSeek-V3 uses (pre-norm blocks, MLA
+latents, MTP inputs)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in FP32 and cast back to the input dtype."""
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in FP32 and cast
+    back to the input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -16,5 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[0]:
-            raise ValueError(f"RMSNorm expects last dimension {self.weight.shape[0]}, got {x.shape[-1]}")
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+            raise ValueError("RMSNorm expects last dimension "
+                             f"{self.weight.shape[0]}, got {x.shape[-1]}")
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(),
+                          self.eps).to(x.dtype)

@@ -1,9 +1,11 @@
-"""Wall-clock comparison of a few ways to do the same work, for benchmarks and the chapters' measurements.
+"""Wall-clock comparison of a few ways to do the same work, for benchmarks and
+the chapters' measurements.
 
-`best_of` calls the candidates in turn, round after round, and keeps each one's fastest call. Alternating
-gives every candidate the same share of whatever else the machine is doing; the minimum is the call that
-was least disturbed, which on a shared CPU is far more stable than the mean. Nothing here asserts a
-time: figures are printed, and tests check only the behaviour (order of calls, the minimum kept).
+`best_of` calls the candidates in turn, round after round, and keeps each one's
+fastest call. Alternating gives every candidate the same share of whatever else
+the machine is doing; the minimum is the call that was least disturbed, which on a
+shared CPU is far more stable than the mean. Nothing here asserts a time: figures are
+printed, and tests check only the behaviour (order of calls, the minimum kept).
 """
 from __future__ import annotations
 
@@ -11,13 +13,15 @@ import time
 from typing import Callable, Mapping
 
 
-def best_of(calls: Mapping[str, Callable[[], object]], reps: int = 10, warmup: int = 1,
+def best_of(calls: Mapping[str, Callable[[], object]], reps: int = 10,
+            warmup: int = 1,
             clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Fastest time in seconds of each call in `calls` over `reps` alternating rounds.
 
-    Each round calls every candidate once, in the mapping's order. `warmup` untimed rounds run first
-    (first calls pay for allocation and caches). `clock` is the timer (seconds; injectable for tests).
-    Returns {name: fastest seconds}, in the mapping's order.
+    Each round calls every candidate once, in the mapping's order. `warmup` untimed
+    rounds run first (first calls pay for allocation and caches). `clock` is
+    the timer (seconds; injectable for tests). Returns {name: fastest seconds},
+    in the mapping's order.
     """
     for name, value in (("reps", reps), ("warmup", warmup)):
         if isinstance(value, bool) or not isinstance(value, int):

@@ -74,3 +74,18 @@ def test_no_private_torch_method_is_overridden(name):
     for _, cls in inspect.getmembers(module, inspect.isclass):
         if issubclass(cls, nn.Module) and cls.__module__ == module.__name__:
             assert not private & set(vars(cls)), f"{cls.__name__} overrides {private & set(vars(cls))}"
+
+
+# The book shows the package's real source (nbtools.show_source) in a code column about 86
+# characters wide: a longer line scrolls sideways there.
+BOOK_CODE_COLUMN = 86
+
+
+def test_every_line_fits_the_books_code_column():
+    too_long = [
+        f"dsv3_lite/{path.name}:{number}: {len(line)} characters"
+        for path in sorted(PACKAGE.glob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if len(line) > BOOK_CODE_COLUMN
+    ]
+    assert not too_long, f"lines longer than {BOOK_CODE_COLUMN} characters:\n" + "\n".join(too_long)
