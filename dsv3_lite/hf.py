@@ -231,20 +231,23 @@ def _block_state(hf: _Weights, src: str, dst: str, shapes: dict[str, torch.Size]
         return out
     take("mlp.gate.weight", "ffn.gate.weight")
     take("mlp.gate.e_score_correction_bias", "ffn.gate.bias")
-    n, inter, dim = shapes[f"{dst}ffn.experts.w1"]
-    # transformers 5.x in memory; else the checkpoint layout
+    n, dim, inter = shapes[f"{dst}ffn.experts.w2"]
+    # transformers 5.x in memory (gate and up projections already stacked, as in
+    # our w13); else the checkpoint layout, one matrix per expert and projection
     if f"{src}mlp.experts.gate_up_proj" in hf:
-        gate_up = hf.take(f"{src}mlp.experts.gate_up_proj", (n, 2 * inter, dim))
-        (out[f"{dst}ffn.experts.w1"],
-         out[f"{dst}ffn.experts.w3"]) = gate_up.chunk(2, dim=1)
+        out[f"{dst}ffn.experts.w13"] = hf.take(f"{src}mlp.experts.gate_up_proj",
+                                               (n, 2 * inter, dim))
         out[f"{dst}ffn.experts.w2"] = hf.take(f"{src}mlp.experts.down_proj",
                                               (n, dim, inter))
-    else:  # one matrix per expert and projection, stacked into ours
-        for ours, theirs in _MLP.items():
-            shape = shapes[f"{dst}ffn.experts.{ours}"][1:]
-            out[f"{dst}ffn.experts.{ours}"] = torch.stack(
-                [hf.take(f"{src}mlp.experts.{j}.{theirs}.weight", shape)
-                 for j in range(n)])
+    else:
+        def expert(j: int, theirs: str, shape: tuple[int, int]) -> torch.Tensor:
+            return hf.take(f"{src}mlp.experts.{j}.{theirs}.weight", shape)
+
+        out[f"{dst}ffn.experts.w13"] = torch.stack(
+            [torch.cat([expert(j, "gate_proj", (inter, dim)),
+                        expert(j, "up_proj", (inter, dim))]) for j in range(n)])
+        out[f"{dst}ffn.experts.w2"] = torch.stack(
+            [expert(j, "down_proj", (dim, inter)) for j in range(n)])
     if args.n_shared_experts:
         for ours, theirs in _MLP.items():
             take(f"mlp.shared_experts.{theirs}.weight",

@@ -94,7 +94,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, Experts):
-                for weight in (module.w1, module.w2, module.w3):
+                for weight in (module.w13, module.w2):
                     nn.init.normal_(weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)

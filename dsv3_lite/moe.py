@@ -75,27 +75,37 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
 
 
 class Experts(nn.Module):
-    """The N_r routed experts, SwiGLU networks stored as one tensor per
-    projection: expert j's gate, down and up projections are w1[j] (inter, dim),
-    w2[j] (dim, inter) and w3[j] (inter, dim), the matrices an `MLP` holds.
+    """The N_r routed experts, SwiGLU networks stored as one tensor per kind of
+    projection: w13 (N_r, 2 inter, dim) holds each expert's gate projection w1
+    stacked over its up projection w3 (one grouped multiply computes both), and
+    w2 (N_r, dim, inter) its down projection: the matrices an `MLP` holds.
     `experts(x, counts)` runs every expert on its own rows at once; `experts[j]` is
     expert j alone, as a function of x."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Each expert's matrices as nn.Linear initialises its own:
         U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        for w in (self.w1, self.w2, self.w3):
+        for w in (self.w13, self.w2):
             nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
 
+    @property
+    def w1(self) -> Tensor:
+        """The gate projections (N_r, inter, dim): the first half of w13's rows."""
+        return self.w13[:, :self.w2.shape[-1]]
+
+    @property
+    def w3(self) -> Tensor:
+        """The up projections (N_r, inter, dim): the second half of w13's rows."""
+        return self.w13[:, self.w2.shape[-1]:]
+
     def __len__(self) -> int:
-        return self.w1.shape[0]
+        return self.w13.shape[0]
 
     def __getitem__(self, j: int) -> Callable[[Tensor], Tensor]:
         if not -len(self) <= j < len(self):
@@ -105,9 +115,8 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x (T, dim), its rows grouped by expert, counts[j] rows for
         expert j -> (T, dim)."""
-        h = (F.silu(grouped_linear(x, self.w1, counts))
-             * grouped_linear(x, self.w3, counts))
-        return grouped_linear(h, self.w2, counts)
+        gate, up = grouped_linear(x, self.w13, counts).chunk(2, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.w2, counts)
 
 
 class Routing(NamedTuple):

@@ -142,7 +142,7 @@ def test_backward_reaches_gate_experts_and_shared():
     assert moe.shared_experts.w1.weight.grad.abs().sum() > 0
     used = expert_load(routing.indices, moe.args.n_routed_experts) > 0
     for j, hit in enumerate(used.tolist()):  # an expert without tokens gets a zero gradient
-        assert bool(moe.experts.w1.grad[j].abs().sum() > 0) == hit
+        assert bool(moe.experts.w13.grad[j].abs().sum() > 0) == hit
     assert moe.gate.bias.grad is None and not moe.gate.bias.requires_grad
 
 
@@ -182,7 +182,7 @@ def test_experts_without_tokens_do_not_run():
         moe.gate.bias.zero_()
         moe.gate.bias[[2, 5, 7]] = 100.0  # every token picks experts 2, 5 and 7
     moe(torch.randn(2, 6, moe.args.dim))[0].sum().backward()
-    grads = [moe.experts.w1.grad, moe.experts.w2.grad, moe.experts.w3.grad]
+    grads = [moe.experts.w13.grad, moe.experts.w2.grad]
     assert [j for j in range(len(moe.experts)) if any(g[j].abs().sum() > 0 for g in grads)] == [2, 5, 7]
 
 
@@ -347,7 +347,7 @@ def test_parity_with_transformers_deepseek_v3_moe():
     with torch.no_grad():
         peer.gate.weight.copy_(moe.gate.weight)
         peer.gate.e_score_correction_bias.copy_(moe.gate.bias)
-        peer.experts.gate_up_proj.copy_(torch.cat([moe.experts.w1, moe.experts.w3], dim=1))
+        peer.experts.gate_up_proj.copy_(moe.experts.w13)
         peer.experts.down_proj.copy_(moe.experts.w2)
         peer.shared_experts.gate_proj.weight.copy_(moe.shared_experts.w1.weight)
         peer.shared_experts.up_proj.weight.copy_(moe.shared_experts.w3.weight)
