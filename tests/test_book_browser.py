@@ -65,33 +65,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 ON_LINUX_CI = sys.platform.startswith("linux") and bool(os.environ.get("CI"))
 CHECK_MESSAGE = re.compile(r"^.+: (not attempted yet.*|correct|not quite, try again)$")
 
-# TEMPORARY: failures of today's chapter content, to be fixed in the notebooks; empty this list as they
-# are (a fixed page passes either way: strict=False). Keyed by page, then by test ("<test>" for every
-# width, "<test>[phone]" for one width); every measurement is in _build/screenshots/report.json.
-_SELF_CHECKS = "self-check cells compute the expected value in sight (check(..., <expression>))"
-_EXPLORER = "explorer output stored before nbtools.explorer had its note: re-execute the chapter"
-_ALT = "figures shown with plt.show(): use nbtools.show_figure(alt)"
-KNOWN_FAILURES: dict[str, dict[str, str]] = {
-    "notebooks/02_mla": {
-        "test_content_fits_the_column": "code lines over ~86 characters; show_source of MLA.forward (114)",
-        "test_explorers_show_a_note": _EXPLORER,
-        "test_figures_have_alt_text": _ALT,
-        "test_exercises_hide_their_answers": _SELF_CHECKS,
-    },
-    "notebooks/03_moe": {
-        "test_content_fits_the_column": "code lines up to 135 characters, claims table (114), show_source lines",
-        "test_equations_typeset": "gate equation: \\texttt{route\\_scale} shows a literal backslash",
-        "test_explorers_show_a_note": _EXPLORER,
-        "test_figures_have_alt_text": _ALT,
-        "test_exercises_hide_their_answers": _SELF_CHECKS,
-    },
-    "notebooks/04_mtp": {
-        "test_content_fits_the_column": "show_source of Transformer.forward, MTP and verify_drafts (108-117)",
-        "test_explorers_show_a_note": _EXPLORER,
-        "test_figures_have_alt_text": _ALT,
-        "test_exercises_hide_their_answers": _SELF_CHECKS,
-    },
-}
+# Expected failures of chapter content still to be fixed, keyed by page, then by test ("<test>" for
+# every width, "<test>[phone]" for one width); every measurement is in _build/screenshots/report.json.
+# Empty: every page passes every check. A new entry is a temporary, documented exception.
+KNOWN_FAILURES: dict[str, dict[str, str]] = {}
 
 
 # --- which pages ------------------------------------------------------------------------------------------
