@@ -58,8 +58,8 @@ class ModelArgs:
         bias_update_speed: gamma of the auxiliary-loss-free bias update.
         seq_aux_alpha: alpha of the complementary sequence-wise balance loss
             (report: 0.0001).
-        aux_loss_alpha: weight of a classic expert-level auxiliary loss (0 in V3; for
-            baselines).
+        aux_loss_alpha: weight of a batch-wise auxiliary balance loss (Switch-style;
+            0 in V3; for baselines).
 
     Rotary embeddings and YaRN (report 4.3)
         rope_theta: RoPE base.
