@@ -28,7 +28,6 @@ import itertools
 import shlex
 import sys
 import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +36,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 import dsv3_lite
 from dsv3_lite.generate import generate
 from dsv3_lite.hf import from_hf
+from dsv3_lite.timing import best_of
 
 # transformers config fields per size, on top of COMMON (one dense layer first, one shared expert).
 COMMON = dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
@@ -95,22 +95,6 @@ def set_hf_impl(model: DeepseekV3ForCausalLM, setting: str) -> None:
     model.set_experts_implementation(experts)
 
 
-def fastest(calls: dict[str, Callable[[], object]], reps: int,
-            setup: Callable[[str], None]) -> dict[str, float]:
-    """Fastest CPU time (s) of each call over `reps` rounds, the calls alternating within each round;
-    `setup(name)` runs untimed before each call. A first, untimed round warms up. CPU time of this process
-    (all its threads), not wall time: it does not grow when other programs share the machine's cores."""
-    best = {name: float("inf") for name in calls}
-    for rep in range(reps + 1):
-        for name, call in calls.items():
-            setup(name)
-            start = time.process_time()
-            call()
-            if rep:
-                best[name] = min(best[name], time.process_time() - start)
-    return best
-
-
 def train_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, hf: bool) -> None:
     model.zero_grad(set_to_none=True)
     logits = model(tokens, use_cache=False).logits if hf else model(tokens)
@@ -134,7 +118,7 @@ def measure(size: str, opts: argparse.Namespace) -> dict:
     x, y = seq[:, :-1], seq[:, 1:]
     calls = {"ours": lambda: train_step(ours, x, y, hf=False)}
     calls.update({s: lambda: train_step(hf, x, y, hf=True) for s in TRAIN_SETTINGS})
-    train_s = fastest(calls, opts.reps, setup)
+    train_s = best_of(calls, opts.reps, clock=time.process_time, setup=setup)
 
     ours.eval()
     hf.eval()
@@ -151,7 +135,7 @@ def measure(size: str, opts: argparse.Namespace) -> dict:
 
     calls = {"ours": ours_decode}
     calls.update({s: lambda s=s: hf_decode(s) for s in SETTINGS})
-    decode_s = fastest(calls, opts.reps, setup)
+    decode_s = best_of(calls, opts.reps, clock=time.process_time, setup=setup)
     same = all(torch.equal(out["ours"], out[s]) for s in SETTINGS)
 
     hf_train = min(TRAIN_SETTINGS, key=train_s.get)

@@ -60,3 +60,16 @@ def test_bad_settings_name_the_field(kwargs, error, words):
 def test_no_candidates_is_an_error():
     with pytest.raises(ValueError, match="calls is empty"):
         best_of({})
+
+
+def test_setup_runs_untimed_before_every_call():
+    clock, log = FakeClock(), []
+    calls = {"a": scripted(clock, log, "a", [1.0, 2.0]), "b": scripted(clock, log, "b", [3.0, 1.0])}
+
+    def setup(name):
+        log.append(f"setup {name}")
+        clock.now += 100.0  # slow set-up time must not be counted
+
+    best = best_of(calls, reps=1, warmup=1, clock=clock, setup=setup)
+    assert log == ["setup a", "a", "setup b", "b"] * 2
+    assert best == {"a": 2.0, "b": 1.0}
