@@ -2,7 +2,6 @@
 table of contents. (nbval, run by the same pytest command, re-executes each one and compares outputs.)"""
 import copy
 import json
-import os
 import pathlib
 import sys
 
