@@ -112,11 +112,19 @@ class Experts(nn.Module):
             raise IndexError(f"expert {j} does not exist: there are {len(self)}")
         return functools.partial(swiglu, w1=self.w1[j], w2=self.w2[j], w3=self.w3[j])
 
-    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, x: Tensor, counts: Tensor,
+                weights: Tensor | None = None) -> Tensor:
         """x (T, dim), its rows grouped by expert, counts[j] rows for
-        expert j -> (T, dim)."""
+        expert j -> (T, dim); with weights (T,), row t's output times weights[t].
+
+        w2 is linear, so the weight scales each row's hidden vector (inter wide)
+        before w2 rather than its output (dim wide): the same product, with
+        inter / dim of the multiplications."""
         gate, up = grouped_linear(x, self.w13, counts).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, self.w2, counts)
+        hidden = F.silu(gate) * up
+        if weights is not None:
+            hidden = hidden * weights.unsqueeze(-1).to(hidden.dtype)
+        return grouped_linear(hidden, self.w2, counts)
 
 
 class Routing(NamedTuple):
@@ -242,9 +250,9 @@ class MoE(nn.Module):
         weighted results back to their tokens."""
         order = indices.flatten().argsort(stable=True)
         token_of = order // indices.shape[1]
-        routed = self.experts(tokens[token_of],
-                              expert_load(indices, len(self.experts)))
-        routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
+        routed = self.experts(tokens.index_select(0, token_of),
+                              expert_load(indices, len(self.experts)),
+                              weights.flatten()[order])
         return routed.new_zeros(tokens.shape).index_add_(0, token_of, routed)
 
     def balance_loss(self, routing: Routing, n_sequences: int) -> Tensor:

@@ -199,6 +199,9 @@ def test_grouped_experts_equal_one_mlp_per_expert():
         per_expert.append(mlp(xj))
         torch.testing.assert_close(experts[j](xj), per_expert[-1])
     torch.testing.assert_close(experts(x, counts), torch.cat(per_expert))
+    # a gate weight per row scales that row's output (applied before w2, which is linear)
+    w = torch.rand(10)
+    torch.testing.assert_close(experts(x, counts, w), torch.cat(per_expert) * w[:, None])
     for width in (6, 8):  # rows of 24 bytes take the loop, of 32 bytes the grouped kernel
         x, weight = torch.randn(10, width), torch.randn(5, width, width)
         loop = torch.cat([xj @ wj.T for xj, wj in zip(x.split(counts.tolist()), weight)])
