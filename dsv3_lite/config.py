@@ -71,6 +71,12 @@ class ModelArgs:
     Multi-Token Prediction (report 2.2)
         mtp_depth: number of sequential MTP modules D (V3: 1; 0 disables MTP).
 
+    Precision (report 3.3)
+        fp8: run every linear layer of the blocks and MTP modules (MLA projections,
+            experts, dense FFNs, MTP projections) as FP8 GEMMs with fine-grained
+            scaling (`dsv3_lite.fp8.FP8Linear`); the embedding, output head, MoE
+            gate, norms and attention scores stay in higher precision.
+
     Other
         rms_norm_eps: epsilon of every RMSNorm.
         init_std: standard deviation of the weight initialisation (report: 0.006).
@@ -112,6 +118,8 @@ class ModelArgs:
     mscale: float = 1.0
     # MTP
     mtp_depth: int = 1
+    # precision
+    fp8: bool = False
     # other
     rms_norm_eps: float = 1e-6
     init_std: float = 0.006
@@ -213,6 +221,8 @@ class ModelArgs:
             raise ValueError(f"n_activated_experts ({self.n_activated_experts}) "
                              "must be <= the experts in n_limited_groups groups "
                              f"({eligible})")
+        if not isinstance(self.fp8, bool):
+            raise TypeError(f"fp8 must be True or False, got {self.fp8!r}")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func ({self.score_func!r}) must be 'sigmoid' "
                              "or 'softmax'")

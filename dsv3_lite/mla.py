@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.fp8 import linear_class
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -216,19 +217,19 @@ class MLA(CachedAttention):
         h, dim = args.n_heads, args.dim
         self.n_heads = h
         self.attn_impl = args.attn_impl
+        linear = linear_class(args.fp8)
         if args.q_lora_rank == 0:
-            self.wq = nn.Linear(dim, h * args.qk_head_dim, bias=False)
+            self.wq = linear(dim, h * args.qk_head_dim, bias=False)
         else:
-            self.wq_a = nn.Linear(dim, args.q_lora_rank, bias=False)
+            self.wq_a = linear(dim, args.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-            self.wq_b = nn.Linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
-        self.wkv_a = nn.Linear(dim, args.kv_lora_rank + args.qk_rope_head_dim,
-                               bias=False)
+            self.wq_b = linear(args.q_lora_rank, h * args.qk_head_dim, bias=False)
+        self.wkv_a = linear(dim, args.kv_lora_rank + args.qk_rope_head_dim,
+                            bias=False)
         self.kv_norm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
-        self.wkv_b = nn.Linear(args.kv_lora_rank,
-                               h * (args.qk_nope_head_dim + args.v_head_dim),
-                               bias=False)
-        self.wo = nn.Linear(h * args.v_head_dim, dim, bias=False)
+        self.wkv_b = linear(args.kv_lora_rank,
+                            h * (args.qk_nope_head_dim + args.v_head_dim), bias=False)
+        self.wo = linear(h * args.v_head_dim, dim, bias=False)
         self.softmax_scale = args.softmax_scale()
 
     def cache_layout(self) -> dict[str, tuple[int, ...]]:
@@ -324,10 +325,11 @@ class GQA(CachedAttention):
         super().__init__(args, rope_args=args.replace(qk_rope_head_dim=head_dim))
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.n_heads, n_kv_heads, head_dim)
-        self.wq = nn.Linear(args.dim, args.n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, n_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * head_dim, args.dim, bias=False)
+        linear = linear_class(args.fp8)
+        self.wq = linear(args.dim, args.n_heads * head_dim, bias=False)
+        self.wk = linear(args.dim, n_kv_heads * head_dim, bias=False)
+        self.wv = linear(args.dim, n_kv_heads * head_dim, bias=False)
+        self.wo = linear(args.n_heads * head_dim, args.dim, bias=False)
         self.softmax_scale = (args.softmax_scale()
                               * (args.qk_head_dim / head_dim) ** 0.5)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.fp8 import fp8_grouped_linear, linear_class
 
 
 def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
@@ -46,14 +47,16 @@ class MLP(nn.Module):
     """SwiGLU feed-forward network: the dense FFN of the first blocks and
     the shared experts."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, fp8: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
+        linear = linear_class(fp8)
+        self.w1 = linear(dim, inter_dim, bias=False)  # gate projection
+        self.w2 = linear(inter_dim, dim, bias=False)  # down projection
+        self.w3 = linear(dim, inter_dim, bias=False)  # up projection
 
     def forward(self, x: Tensor) -> Tensor:
-        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight)
+        """`swiglu` with this module's projections."""
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
@@ -80,10 +83,12 @@ class Experts(nn.Module):
     stacked over its up projection w3 (one grouped multiply computes both), and
     w2 (N_r, dim, inter) its down projection: the matrices an `MLP` holds.
     `experts(x, counts)` runs every expert on its own rows at once; `experts[j]` is
-    expert j alone, as a function of x."""
+    expert j alone, as a function of x. With `fp8` the grouped multiplies are FP8
+    GEMMs (`dsv3_lite.fp8.fp8_grouped_linear`)."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, fp8: bool = False):
         super().__init__()
+        self.fp8 = fp8
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.reset_parameters()
@@ -120,11 +125,12 @@ class Experts(nn.Module):
         w2 is linear, so the weight scales each row's hidden vector (inter wide)
         before w2 rather than its output (dim wide): the same product, with
         inter / dim of the multiplications."""
-        gate, up = grouped_linear(x, self.w13, counts).chunk(2, dim=-1)
+        matmul = fp8_grouped_linear if self.fp8 else grouped_linear
+        gate, up = matmul(x, self.w13, counts).chunk(2, dim=-1)
         hidden = F.silu(gate) * up
         if weights is not None:
             hidden = hidden * weights.unsqueeze(-1).to(hidden.dtype)
-        return grouped_linear(hidden, self.w2, counts)
+        return matmul(hidden, self.w2, counts)
 
 
 class Routing(NamedTuple):
@@ -221,11 +227,12 @@ class MoE(nn.Module):
         super().__init__()
         self.args = args
         self.gate = Gate(args)
-        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim)
+        self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim,
+                               args.fp8)
         # The N_s shared experts are fused into one MLP of N_s times the width
         # (same parameters and output).
         self.shared_experts = (
-            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim)
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8)
             if args.n_shared_experts else None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Routing]:
