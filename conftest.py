@@ -23,6 +23,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# Without a GPU, the Triton kernels (dsv3_lite.kernels) run in Triton's interpreter. The variable must be
+# set before that module defines them, so here, before any test imports the package's model code.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 NBVAL_SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
 
 

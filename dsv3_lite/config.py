@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from dsv3_lite.cache_size import mla_cache_elems
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 AttnImpl = Literal["naive", "absorb"]
+Kernels = Literal["auto", "triton", "reference"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ class ModelArgs:
             experts, dense FFNs, MTP projections) as FP8 GEMMs with fine-grained
             scaling (`dsv3_lite.fp8.FP8Linear`); the embedding, output head, MoE
             gate, norms and attention scores stay in higher precision.
+        kernels: "auto" runs the Triton kernels of `dsv3_lite.kernels` (MLA
+            decode, the experts' grouped GEMM at inference) on CUDA when Triton
+            is installed, "reference" always runs PyTorch, "triton" always the
+            kernels (on a CPU under Triton's interpreter).
 
     Other
         rms_norm_eps: epsilon of every RMSNorm.
@@ -120,6 +125,7 @@ class ModelArgs:
     mtp_depth: int = 1
     # precision
     fp8: bool = False
+    kernels: Kernels = "auto"
     # other
     rms_norm_eps: float = 1e-6
     init_std: float = 0.006
@@ -147,6 +153,27 @@ class ModelArgs:
             n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
             n_expert_groups=4, n_limited_groups=2, route_scale=1.0,
             rope_factor=1.0, original_seq_len=256, mtp_depth=1, init_std=0.02,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def small(cls, **overrides) -> "ModelArgs":
+        """Between `tiny` and V3: every V3 feature on, about 2.7M parameters
+        (MTP included), trained in about 10 minutes on a 2-core CPU by
+        `python -m dsv3_lite.train --preset small` (chapter 7).
+
+        vocab_size 2048 is the size of the byte-level BPE tokenizer the command
+        line learns from the book's corpus (`dsv3_lite.tokenizer`).
+        """
+        base = dict(
+            vocab_size=2048, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4,
+            n_dense_layers=1, max_seq_len=512, max_batch_size=16,
+            n_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+            qk_rope_head_dim=16, v_head_dim=32,
+            n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
+            n_expert_groups=4, n_limited_groups=2, route_scale=1.0,
+            rope_factor=1.0, original_seq_len=512, mtp_depth=1, init_std=0.02,
         )
         base.update(overrides)
         return cls(**base)
@@ -223,6 +250,9 @@ class ModelArgs:
                              f"({eligible})")
         if not isinstance(self.fp8, bool):
             raise TypeError(f"fp8 must be True or False, got {self.fp8!r}")
+        if self.kernels not in get_args(Kernels):
+            raise ValueError(f"kernels ({self.kernels!r}) must be one of "
+                             f"{get_args(Kernels)}")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ValueError(f"score_func ({self.score_func!r}) must be 'sigmoid' "
                              "or 'softmax'")

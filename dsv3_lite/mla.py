@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from dsv3_lite.config import ModelArgs
+from dsv3_lite import kernels
 from dsv3_lite.fp8 import linear_class
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import apply_rotary_emb, precompute_freqs_cis
@@ -295,11 +296,16 @@ class MLA(CachedAttention):
         # (B, n_h*S, d_c)
         q_latent = q_latent.view(h, b, s, -1).transpose(0, 1).reshape(b, h * s, -1)
         q_pe = q_pe.permute(0, 2, 1, 3).reshape(b, h * s, -1)  # (B, n_h*S, d_rope)
-        # (B, n_h*S, T)
-        scores = (q_latent @ kv.mT + q_pe @ k_pe.mT) * self.softmax_scale
-        probs = attention_probs(scores.view(b, h, s, -1), mask).type_as(kv)
-        # attend over the latent: (B, n_h*S, d_c) ...
-        out = probs.view(b, h * s, -1) @ kv
+        if s == 1 and kernels.use_triton(a.kernels, kv.device):
+            # one new token: the split-KV Triton kernel (dsv3_lite.kernels)
+            out = kernels.mla_decode(q_latent, q_pe, kv, k_pe,
+                                     self.softmax_scale).to(kv.dtype)
+        else:
+            # (B, n_h*S, T)
+            scores = (q_latent @ kv.mT + q_pe @ k_pe.mT) * self.softmax_scale
+            probs = attention_probs(scores.view(b, h, s, -1), mask).type_as(kv)
+            # attend over the latent: (B, n_h*S, d_c) ...
+            out = probs.view(b, h * s, -1) @ kv
         # ... then W_UV
         out = out.view(b, h, s, -1).transpose(0, 1).reshape(h, b * s, -1) @ w_uv.mT
         return out.view(h, b, s, -1).permute(1, 2, 0, 3)  # (B, S, n_h, v_head_dim)

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv3_lite.config import ModelArgs
+from dsv3_lite import kernels
+from dsv3_lite.config import Kernels, ModelArgs
 from dsv3_lite.fp8 import fp8_grouped_linear, linear_class
 
 
@@ -84,11 +85,13 @@ class Experts(nn.Module):
     w2 (N_r, dim, inter) its down projection: the matrices an `MLP` holds.
     `experts(x, counts)` runs every expert on its own rows at once; `experts[j]` is
     expert j alone, as a function of x. With `fp8` the grouped multiplies are FP8
-    GEMMs (`dsv3_lite.fp8.fp8_grouped_linear`)."""
+    GEMMs (`dsv3_lite.fp8.fp8_grouped_linear`); where no gradient is recorded,
+    `kernels` (`ModelArgs.kernels`) may run them as one Triton launch."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, fp8: bool = False):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, fp8: bool = False,
+                 kernels: Kernels = "auto"):
         super().__init__()
-        self.fp8 = fp8
+        self.fp8, self.kernels = fp8, kernels
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.reset_parameters()
@@ -126,6 +129,11 @@ class Experts(nn.Module):
         before w2 rather than its output (dim wide): the same product, with
         inter / dim of the multiplications."""
         matmul = fp8_grouped_linear if self.fp8 else grouped_linear
+        recording = torch.is_grad_enabled() and (x.requires_grad
+                                                 or self.w13.requires_grad)
+        if (not self.fp8 and not recording
+                and kernels.use_triton(self.kernels, x.device)):
+            matmul = kernels.grouped_linear  # forward only
         gate, up = matmul(x, self.w13, counts).chunk(2, dim=-1)
         hidden = F.silu(gate) * up
         if weights is not None:
@@ -228,7 +236,7 @@ class MoE(nn.Module):
         self.args = args
         self.gate = Gate(args)
         self.experts = Experts(args.n_routed_experts, args.dim, args.moe_inter_dim,
-                               args.fp8)
+                               args.fp8, args.kernels)
         # The N_s shared experts are fused into one MLP of N_s times the width
         # (same parameters and output).
         self.shared_experts = (

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dsv3_lite"
 LAYERS = [
     {"cache_size", "norm", "data", "fp8"},
     {"config"},
-    {"rope"},
+    {"rope", "kernels"},
     {"mla", "moe"},
     {"block"},
     {"mtp"},
