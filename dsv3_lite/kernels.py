@@ -167,10 +167,13 @@ if triton is not None:
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, BLOCK_C)
         r = tl.arange(0, BLOCK_R)
+        # loaded in their dtype (BF16 in a GPU cache), computed in FP32
         q_lat = tl.load(ql_ptr + (b * H + h[:, None]) * C + c[None, :],
-                        mask=(h[:, None] < H) & (c[None, :] < C), other=0.0)
+                        mask=(h[:, None] < H) & (c[None, :] < C),
+                        other=0.0).to(tl.float32)
         q_pe = tl.load(qr_ptr + (b * H + h[:, None]) * R + r[None, :],
-                       mask=(h[:, None] < H) & (r[None, :] < R), other=0.0)
+                       mask=(h[:, None] < H) & (r[None, :] < R),
+                       other=0.0).to(tl.float32)
         m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
@@ -180,9 +183,11 @@ if triton is not None:
             t = t0 + tl.arange(0, BLOCK_T)
             keep = t < end
             kv = tl.load(kv_ptr + (b * T + t[:, None]) * C + c[None, :],
-                         mask=keep[:, None] & (c[None, :] < C), other=0.0)
+                         mask=keep[:, None] & (c[None, :] < C),
+                         other=0.0).to(tl.float32)
             pe = tl.load(pe_ptr + (b * T + t[:, None]) * R + r[None, :],
-                         mask=keep[:, None] & (r[None, :] < R), other=0.0)
+                         mask=keep[:, None] & (r[None, :] < R),
+                         other=0.0).to(tl.float32)
             s = (tl.dot(q_lat, tl.trans(kv), input_precision="ieee")
                  + tl.dot(q_pe, tl.trans(pe), input_precision="ieee")) * scale
             s = tl.where(keep[None, :], s, float("-inf"))
@@ -237,9 +242,9 @@ if triton is not None:
                         mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0)
             w = tl.load(w_ptr + (expert * N + cols[:, None]) * K + k[None, :],
                         mask=(cols[:, None] < N) & (k[None, :] < K), other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :],
-                 acc.to(out_ptr.dtype.element_ty),
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)),
+                          input_precision="ieee")
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc,
                  mask=(rows[:, None] < end) & (cols[None, :] < N))
 
 
@@ -326,7 +331,8 @@ def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: fl
                n_splits: int | None = None, block_t: int = 64) -> Tensor:
     """softmax((q_latent kv^T + q_pe pe^T) * scale) kv for one new token per
     sequence: q_latent (B, H, d_c), q_pe (B, H, d_rope) against the cache kv
-    (B, T, d_c), pe (B, T, d_rope) -> (B, H, d_c) in FP32.
+    (B, T, d_c), pe (B, T, d_rope), all of one dtype -> (B, H, d_c) in FP32
+    (scores, softmax and sums in FP32).
 
     The T cached positions are split into `n_splits` ranges (default: about
     256 positions each), one program per sequence and range, so a long cache
@@ -347,12 +353,14 @@ def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: fl
         raise ValueError(f"n_splits ({n_splits}) must be in [1, T = {t}]")
     split_len = triton.cdiv(t, n_splits)
     n_splits = triton.cdiv(t, split_len)  # no empty split
-    f32 = [x.float().contiguous() for x in (q_latent, q_pe, kv, pe)]
+    if len({x.dtype for x in (q_latent, q_pe, kv, pe)}) != 1:
+        raise ValueError("q_latent, q_pe, kv and pe must share one dtype")
+    inputs = [x.contiguous() for x in (q_latent, q_pe, kv, pe)]
     acc = torch.empty(b, n_splits, h, c, device=kv.device)
     m = torch.empty(b, n_splits, h, device=kv.device)
     l = torch.empty_like(m)
     _mla_decode_split_kernel[(b, n_splits)](
-        *f32, acc, m, l, h, t, c, r, split_len, n_splits, scale,
+        *inputs, acc, m, l, h, t, c, r, split_len, n_splits, scale,
         BLOCK_H=_pow2(h), BLOCK_C=_pow2(c), BLOCK_R=_pow2(r), BLOCK_T=block_t)
     out = torch.empty(b, h, c, device=kv.device)
     _mla_decode_combine_kernel[(b, h)](acc, m, l, out, h, c, n_splits,
@@ -367,7 +375,8 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
     """`dsv3_lite.moe.grouped_linear` in one launch: x (T, in) with its rows
     grouped by expert (counts[j] rows for expert j), weight (E, out, in)
     -> (T, out). Each program computes one tile of block_m rows of one
-    expert; an expert without rows gets no tile. Forward only (no autograd)."""
+    expert; an expert without rows gets no tile. Products and sums in FP32,
+    the result in x's dtype. Forward only (no autograd)."""
     _check_runnable(x.device)
     _check_2d(x, "x")
     e, n, k = weight.shape
@@ -384,7 +393,7 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
     tile_start = (ends - counts)[tile_expert] + index_in_expert * block_m
     tile_end = ends[tile_expert]
     weight = weight.to(x.dtype)  # as autocast would: x's precision
-    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], n, device=x.device)  # FP32 sums
     if len(tile_expert):
         block_n = min(64, _pow2(n))
         grid = (len(tile_expert), triton.cdiv(n, block_n))
@@ -392,7 +401,8 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
             x.contiguous(), weight.contiguous(), out, tile_expert.int(),
             tile_start.int(), tile_end.int(), n, k, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_K=min(64, _pow2(k)))
-    return out
+    # rounded to x's dtype by torch (Triton's interpreter truncates instead)
+    return out.to(x.dtype)
 
 
 __all__ = ["interpreted", "use_triton", "act_quant",

@@ -82,6 +82,16 @@ def test_mla_decode_split_kv_equals_one_softmax_over_the_whole_cache(b, h, t, c,
                                rtol=1e-5, atol=1e-5)
 
 
+def test_mla_decode_reads_a_bf16_cache_and_computes_in_fp32():
+    gen = torch.Generator().manual_seed(6)
+    inputs = [torch.randn(s, generator=gen).to(DEVICE, torch.bfloat16)
+              for s in ((2, 4, 32), (2, 4, 8), (2, 100, 32), (2, 100, 8))]
+    out = kernels.mla_decode(*inputs, 0.3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference_decode(*(x.float() for x in inputs), 0.3),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_mla_decode_rejects_mismatched_shapes():
     x = torch.zeros(1, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="must agree"):
@@ -100,6 +110,17 @@ def test_grouped_linear_equals_the_reference(counts, k, n):
     weight = torch.randn(len(counts), n, k, generator=gen).to(DEVICE)
     torch.testing.assert_close(kernels.grouped_linear(x, weight, counts),
                                grouped_linear(x, weight, counts), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_linear_in_bf16_rounds_once_from_fp32_sums():
+    gen = torch.Generator().manual_seed(7)
+    counts = torch.tensor([10, 0, 30], device=DEVICE)
+    x = torch.randn(40, 24, generator=gen).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(3, 20, 24, generator=gen).to(DEVICE, torch.bfloat16)
+    out = kernels.grouped_linear(x, weight, counts)
+    assert out.dtype == torch.bfloat16
+    exact = grouped_linear(x.float(), weight.float(), counts)
+    assert torch.equal(out, exact.to(torch.bfloat16))
 
 
 def test_block_sizes_must_be_powers_of_two():
