@@ -20,11 +20,14 @@ leave its outputs unchanged (`OVERRIDABLE`), and a config that does not describe
 its weights (a weight missing, of another shape, or left unused) fails naming
 the weight and the config field.
 
-transformers itself is imported by the caller, never here, so `import dsv3_lite`
+The way back: `hf_config` and `to_hf_state_dict` give a `DeepseekV3Config`'s fields
+and a state dict in transformers' names, and `to_hf` builds the transformers model
+from them. transformers is imported only inside `to_hf`, so `import dsv3_lite`
 does not need it.
 """
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any
 
@@ -307,5 +310,73 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     return model.eval()
 
 
-__all__ = ["from_hf", "args_from_hf_config", "OVERRIDABLE", "rope_rows_to_half_split",
-           "rope_rows_to_interleaved"]
+def hf_config(args: ModelArgs) -> dict[str, Any]:
+    """The fields of a transformers `DeepseekV3Config` for `args`: the inverse
+    of `args_from_hf_config` (interleaved RoPE, as DeepSeek's weights)."""
+    if args.score_func != "sigmoid":
+        raise ValueError(f"score_func ({args.score_func!r}) has no transformers "
+                         "DeepseekV3 equivalent: it gates with 'sigmoid'")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_factor > 1:
+        rope.update(rope_type="yarn", factor=args.rope_factor,
+                    original_max_position_embeddings=args.original_seq_len,
+                    beta_fast=args.beta_fast, beta_slow=args.beta_slow,
+                    mscale=args.mscale, mscale_all_dim=args.mscale)
+    return dict(
+        vocab_size=args.vocab_size, hidden_size=args.dim,
+        intermediate_size=args.inter_dim, moe_intermediate_size=args.moe_inter_dim,
+        num_hidden_layers=args.n_layers, first_k_dense_replace=args.n_dense_layers,
+        max_position_embeddings=args.max_seq_len, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_heads, q_lora_rank=args.q_lora_rank or None,
+        kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim,
+        n_routed_experts=args.n_routed_experts,
+        n_shared_experts=args.n_shared_experts,
+        num_experts_per_tok=args.n_activated_experts, n_group=args.n_expert_groups,
+        topk_group=args.n_limited_groups, routed_scaling_factor=args.route_scale,
+        norm_topk_prob=True, rms_norm_eps=args.rms_norm_eps,
+        initializer_range=args.init_std, rope_interleave=True,
+        rope_parameters=rope, tie_word_embeddings=False, hidden_act="silu",
+        attention_bias=False, num_nextn_predict_layers=args.mtp_depth)
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The main model's weights in transformers' names and layout (experts
+    fused as `gate_up_proj` / `down_proj`, our `w13` / `w2`); the MTP modules
+    are not part of `DeepseekV3ForCausalLM`."""
+    state = model.state_dict()
+    out = {"model.embed_tokens.weight": state["embed.weight"],
+           "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["head.weight"]}
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             **{f"attn.{k}": f"self_attn.{v}" for k, v in _ATTN.items()},
+             **{f"ffn.{k}": f"mlp.{v}" for k, v in _MLP.items()},
+             **{f"ffn.shared_experts.{k}": f"mlp.shared_experts.{v}"
+                for k, v in _MLP.items()},
+             "ffn.gate": "mlp.gate"}
+    for i in range(model.args.n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in names.items():
+            if f"{src}{ours}.weight" in state:
+                out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
+        if f"{src}ffn.gate.bias" in state:
+            out[f"{dst}mlp.gate.e_score_correction_bias"] = state[f"{src}ffn.gate.bias"]
+            out[f"{dst}mlp.experts.gate_up_proj"] = state[f"{src}ffn.experts.w13"]
+            out[f"{dst}mlp.experts.down_proj"] = state[f"{src}ffn.experts.w2"]
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+@torch.no_grad()
+def to_hf(model: Transformer) -> Any:
+    """transformers' `DeepseekV3ForCausalLM` with `model`'s configuration and
+    weights (in FP32, eval mode): the inverse of `from_hf` for the main model.
+    Imports transformers, which must be installed."""
+    transformers = importlib.import_module("transformers")
+    config = transformers.DeepseekV3Config(**hf_config(model.args))
+    hf_model = transformers.DeepseekV3ForCausalLM(config)
+    hf_model.load_state_dict(to_hf_state_dict(model), strict=True)
+    return hf_model.float().eval()
+
+
+__all__ = ["from_hf", "to_hf", "hf_config", "to_hf_state_dict", "args_from_hf_config",
+           "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved"]

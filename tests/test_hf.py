@@ -161,3 +161,32 @@ def test_config_mapping_and_unsupported_configs():
     assert args_from_hf_config(yarn, max_seq_len=32).max_seq_len == 32
     with pytest.raises(ValueError, match=r"max_seq_len \(16\) must be > original_seq_len \(16\)"):
         args_from_hf_config(yarn, max_seq_len=16)  # would switch YaRN off and change the logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_to_hf_is_the_inverse_of_from_hf(case):
+    """from_hf, then to_hf: the same transformers config fields and weights (RoPE rows back in
+    interleaved order when the source rotated halves), and transformers' logits are ours."""
+    from dsv3_lite.hf import hf_config, to_hf
+
+    hf = random_hf_model(**CASES[case])
+    ours = from_hf(hf)
+    back = to_hf(ours)
+    assert args_from_hf_config(back.config) == ours.args
+    assert hf_config(ours.args)["rope_interleave"] is True
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens, use_cache=False).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_hf(back)(tokens), ours(tokens), rtol=0, atol=0)
+    if hf.config.rope_interleave:  # same layout: the very same tensors come back
+        theirs = back.state_dict()
+        for name, tensor in hf.state_dict().items():
+            assert torch.equal(theirs[name], tensor), name
+
+
+def test_to_hf_refuses_what_transformers_cannot_express():
+    from dsv3_lite.config import ModelArgs
+    from dsv3_lite.hf import hf_config
+
+    with pytest.raises(ValueError, match="score_func \\('softmax'\\) has no transformers"):
+        hf_config(ModelArgs.tiny(score_func="softmax"))
