@@ -360,7 +360,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             if f"{src}{ours}.weight" in state:
                 out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
         if f"{src}ffn.gate.bias" in state:
-            out[f"{dst}mlp.gate.e_score_correction_bias"] = state[f"{src}ffn.gate.bias"]
+            bias = state[f"{src}ffn.gate.bias"]
+            out[f"{dst}mlp.gate.e_score_correction_bias"] = bias
             out[f"{dst}mlp.experts.gate_up_proj"] = state[f"{src}ffn.experts.w13"]
             out[f"{dst}mlp.experts.down_proj"] = state[f"{src}ffn.experts.w2"]
     return {k: v.detach().clone() for k, v in out.items()}
