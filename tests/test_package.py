@@ -20,7 +20,7 @@ LAYERS = [
     {"block"},
     {"mtp"},
     {"model"},
-    {"generate", "hf", "timing", "train"},
+    {"generate", "hf", "pipeline", "timing", "train"},
     {"nbtools"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
