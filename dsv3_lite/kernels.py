@@ -62,6 +62,17 @@ def _check_runnable(device: torch.device) -> None:
                            "dsv3_lite.kernels to run them on the CPU")
 
 
+def _check_fp8_runnable(device: torch.device) -> None:
+    """Triton has FP8 E4M3 only from compute capability 8.9 (Ada, Hopper) up."""
+    _check_runnable(device)
+    if device.type == "cuda" and not interpreted():
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise RuntimeError(f"the FP8 kernels need compute capability 8.9 or "
+                               f"higher (Ada, Hopper), this GPU has {major}.{minor}: "
+                               "use the references in dsv3_lite.fp8")
+
+
 def _fp8_dot_supported(device: torch.device) -> bool:
     """FP8 operands go straight into tl.dot on Ada and Hopper (sm 8.9+);
     elsewhere (and in the interpreter) they are widened to FP32 first, which
@@ -263,7 +274,7 @@ def _check_2d(x: Tensor, name: str) -> None:
 def act_quant(x: Tensor, block_size: int = 128) -> tuple[Tensor, Tensor]:
     """`dsv3_lite.fp8.act_quant` (E4M3, 1 x block_size tiles of the last dim)
     as one program per tile; bit-equal to it."""
-    _check_runnable(x.device)
+    _check_fp8_runnable(x.device)
     _check_block_size(block_size)
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
@@ -280,7 +291,7 @@ def act_quant(x: Tensor, block_size: int = 128) -> tuple[Tensor, Tensor]:
 def weight_dequant(q: Tensor, scale_inv: Tensor, block_size: int = 128) -> Tensor:
     """`dsv3_lite.fp8.weight_dequant`: FP32 block x scale, one program per
     block; bit-equal to it."""
-    _check_runnable(q.device)
+    _check_fp8_runnable(q.device)
     _check_block_size(block_size)
     _check_2d(q, "q")
     n, k = q.shape
@@ -299,7 +310,7 @@ def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
              block_size: int = 128) -> Tensor:
     """`dsv3_lite.fp8.fp8_gemm` fused: a (M, K) with 1 x 128 tile scales, b (N, K)
     with 128 x 128 block scales (or 1 x 128 tiles) -> a @ b.T (M, N) in FP32."""
-    _check_runnable(a.device)
+    _check_fp8_runnable(a.device)
     _check_block_size(block_size)
     _check_2d(a, "a")
     _check_2d(b, "b")
