@@ -20,6 +20,11 @@ leave its outputs unchanged (`OVERRIDABLE`), and a config that does not describe
 its weights (a weight missing, of another shape, or left unused) fails naming
 the weight and the config field.
 
+DeepSeek's released checkpoints use the same names, one matrix per expert, the MTP
+module stored as an extra last layer, and FP8 E4M3 linear weights with an FP32
+`weight_scale_inv` per 128x128 block: `save_release` writes that layout and
+`load_release` reads it, shard by shard.
+
 The way back: `hf_config` and `to_hf_state_dict` give a `DeepseekV3Config`'s fields
 and a state dict in transformers' names, and `to_hf` builds the transformers model
 from them. transformers is imported only inside `to_hf`, so `import dsv3_lite`
@@ -28,12 +33,18 @@ does not need it.
 from __future__ import annotations
 
 import importlib
+import json
+import pathlib
 import re
+import types
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dsv3_lite.config import ModelArgs
+from dsv3_lite.fp8 import weight_dequant, weight_quant
 from dsv3_lite.model import Transformer
 
 _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm",
@@ -164,8 +175,8 @@ class _Weights:
     that is missing, of another shape, or never taken means the config does not
     describe these weights; the error names the weight and the config field."""
 
-    def __init__(self, module: Any, config: Any):
-        self.tensors = {k: v.detach().float() for k, v in module.state_dict().items()}
+    def __init__(self, tensors: dict[str, torch.Tensor], config: Any):
+        self.tensors = {k: v.detach().float() for k, v in tensors.items()}
         self.config = config
         self.taken: set[str] = set()
 
@@ -272,10 +283,17 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     config = hf_model.config
     depth = len(mtp_model.layers) if mtp_model is not None else 0
     args = args_from_hf_config(config, **overrides).replace(mtp_depth=depth)
+    mtp = _Weights(mtp_model.state_dict(), config) if mtp_model is not None else None
+    return _load(args, _Weights(hf_model.state_dict(), config), mtp,
+                 bool(getattr(config, "rope_interleave", True)))
+
+
+def _load(args: ModelArgs, hf: _Weights, mtp: _Weights | None,
+          interleave: bool) -> Transformer:
+    """A `Transformer` of `args` from transformers' tensors: the main model's (`hf`)
+    and the MTP layers' (`mtp`, in the names of transformers' `MtpModel`)."""
     model = Transformer(args)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    hf = _Weights(hf_model, config)
-    interleave = bool(getattr(config, "rope_interleave", True))
     state = {ours: hf.take(theirs, shapes[ours]) for ours, theirs in (
         ("embed.weight", "model.embed_tokens.weight"),
         ("norm.weight", "model.norm.weight"), ("head.weight", "lm_head.weight"))}
@@ -283,18 +301,17 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
         state.update(_block_state(hf, f"model.layers.{i}.", f"layers.{i}.", shapes,
                                   args, interleave))
     hf.check_all_taken()
-    if mtp_model is not None:
-        mtp = _Weights(mtp_model, config)
+    if mtp is not None:
         for name, ours in (("embed_tokens.weight", "embed.weight"),
                            ("shared_head.weight", "head.weight")):
             # DeepSeek-V3's MTP modules share the main model's embedding
             # and output head
             if name in mtp and not torch.equal(mtp.take(name, shapes[ours]),
                                                state[ours]):
-                raise ValueError(f"mtp_model's {name} differs from the main model's: "
-                                 "dsv3_lite's MTP modules share the main model's, as "
-                                 "DeepSeek-V3's do")
-        for k in range(depth):
+                raise ValueError(f"the MTP layers' {name} differs from the main "
+                                 "model's: dsv3_lite's MTP modules share the main "
+                                 "model's, as DeepSeek-V3's do")
+        for k in range(args.mtp_depth):
             src, dst = f"layers.{k}.", f"mtp.{k}."
             for name in ("enorm", "hnorm", "eh_proj"):
                 state[f"{dst}{name}.weight"] = mtp.take(f"{src}{name}.weight",
@@ -340,6 +357,25 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
         attention_bias=False, num_nextn_predict_layers=args.mtp_depth)
 
 
+def _block_to_hf(state: dict[str, torch.Tensor], src: str,
+                 dst: str) -> dict[str, torch.Tensor]:
+    """One block's weights (our prefix `src`) in transformers' names (prefix
+    `dst`), the experts fused as transformers 5 holds them in memory."""
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             **{f"attn.{k}": f"self_attn.{v}" for k, v in _ATTN.items()},
+             **{f"ffn.{k}": f"mlp.{v}" for k, v in _MLP.items()},
+             **{f"ffn.shared_experts.{k}": f"mlp.shared_experts.{v}"
+                for k, v in _MLP.items()},
+             "ffn.gate": "mlp.gate"}
+    out = {f"{dst}{theirs}.weight": state[f"{src}{ours}.weight"]
+           for ours, theirs in names.items() if f"{src}{ours}.weight" in state}
+    if f"{src}ffn.gate.bias" in state:
+        out[f"{dst}mlp.gate.e_score_correction_bias"] = state[f"{src}ffn.gate.bias"]
+        out[f"{dst}mlp.experts.gate_up_proj"] = state[f"{src}ffn.experts.w13"]
+        out[f"{dst}mlp.experts.down_proj"] = state[f"{src}ffn.experts.w2"]
+    return out
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """The main model's weights in transformers' names and layout (experts
     fused as `gate_up_proj` / `down_proj`, our `w13` / `w2`); the MTP modules
@@ -348,22 +384,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": state["embed.weight"],
            "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["head.weight"]}
-    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-             **{f"attn.{k}": f"self_attn.{v}" for k, v in _ATTN.items()},
-             **{f"ffn.{k}": f"mlp.{v}" for k, v in _MLP.items()},
-             **{f"ffn.shared_experts.{k}": f"mlp.shared_experts.{v}"
-                for k, v in _MLP.items()},
-             "ffn.gate": "mlp.gate"}
     for i in range(model.args.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in names.items():
-            if f"{src}{ours}.weight" in state:
-                out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
-        if f"{src}ffn.gate.bias" in state:
-            bias = state[f"{src}ffn.gate.bias"]
-            out[f"{dst}mlp.gate.e_score_correction_bias"] = bias
-            out[f"{dst}mlp.experts.gate_up_proj"] = state[f"{src}ffn.experts.w13"]
-            out[f"{dst}mlp.experts.down_proj"] = state[f"{src}ffn.experts.w2"]
+        out.update(_block_to_hf(state, f"layers.{i}.", f"model.layers.{i}."))
     return {k: v.detach().clone() for k, v in out.items()}
 
 
@@ -379,5 +401,180 @@ def to_hf(model: Transformer) -> Any:
     return hf_model.float().eval()
 
 
+# ------------------------------------------------------------ the released layout
+# config.json's quantization_config in DeepSeek's release
+RELEASE_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3",
+                        "activation_scheme": "dynamic",
+                        "weight_block_size": [128, 128]}
+# quantized in the release: every linear layer of the blocks (not the gate,
+# embedding, head, norms, nor MTP's eh_proj)
+_RELEASE_FP8 = re.compile(r"\.(self_attn\.\w+_proj|mlp\.(\w+\.)*\w+_proj)\.weight$")
+
+
+def _per_expert(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused experts -> the checkpoint's one matrix per expert."""
+    out = {}
+    for name, tensor in fused.items():
+        match = re.fullmatch(r"(.*mlp\.experts)\.(gate_up|down)_proj", name)
+        if match is None:
+            out[name] = tensor
+            continue
+        for j, matrix in enumerate(tensor):
+            prefix = f"{match[1]}.{j}."
+            if match[2] == "down":
+                out[prefix + "down_proj.weight"] = matrix
+            else:
+                gate, up = matrix.chunk(2)
+                out[prefix + "gate_proj.weight"] = gate
+                out[prefix + "up_proj.weight"] = up
+    return out
+
+
+def release_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every weight in the release's names, in FP32: one matrix per expert, and
+    MTP module k stored as layer n_layers + k (its block, enorm, hnorm, eh_proj,
+    shared_head.norm, and copies of the embedding and head)."""
+    state, n = model.state_dict(), model.args.n_layers
+    out = to_hf_state_dict(model)
+    for k in range(model.args.mtp_depth):
+        src, dst = f"mtp.{k}.", f"model.layers.{n + k}."
+        out.update(_block_to_hf(state, f"{src}block.", dst))
+        for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"),
+                             ("eh_proj", "eh_proj"), ("norm", "shared_head.norm")):
+            out[f"{dst}{theirs}.weight"] = state[f"{src}{ours}.weight"]
+        out[f"{dst}embed_tokens.weight"] = state["embed.weight"]
+        out[f"{dst}shared_head.head.weight"] = state["head.weight"]
+    return {k: v.detach().float().contiguous() for k, v in _per_expert(out).items()}
+
+
+def save_release(model: Transformer, directory: str | pathlib.Path, fp8: bool = True,
+                 shard_bytes: int = 5 * 2**30) -> pathlib.Path:
+    """Write `model` in DeepSeek's released layout: config.json, shards
+    `model-0000i-of-0000n.safetensors` of at most about `shard_bytes` each and
+    `model.safetensors.index.json`. With fp8, every block linear weight is stored
+    as E4M3 with an FP32 `weight_scale_inv` per 128x128 block (the others in
+    BF16, the gate's bias in FP32); without, everything in FP32."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in release_state_dict(model).items():
+        if fp8 and _RELEASE_FP8.search(name):
+            tensors[name], tensors[name + "_scale_inv"] = weight_quant(tensor)
+        elif fp8 and not name.endswith("e_score_correction_bias"):
+            tensors[name] = tensor.bfloat16()
+        else:
+            tensors[name] = tensor
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+              **hf_config(model.args)}
+    if fp8:
+        config["quantization_config"] = RELEASE_QUANTIZATION
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _release_config(config: dict[str, Any]) -> types.SimpleNamespace:
+    """A released config.json as the attributes `args_from_hf_config` reads
+    (the release writes rope_theta and rope_scaling; transformers 5,
+    rope_parameters)."""
+    rope = dict(config.get("rope_parameters")
+                or {"rope_theta": config.get("rope_theta", 10000.0),
+                    **(config.get("rope_scaling") or {})})
+    if "type" in rope:
+        rope["rope_type"] = rope.pop("type")
+    defaults = dict(hidden_act="silu", attention_bias=False, norm_topk_prob=True,
+                    n_shared_experts=0, q_lora_rank=None, rope_interleave=True,
+                    initializer_range=0.02, num_nextn_predict_layers=0)
+    return types.SimpleNamespace(**{**defaults, **config, "rope_parameters": rope})
+
+
+@torch.no_grad()
+def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
+    """A dsv3_lite `Transformer` from a checkpoint folder in DeepSeek's released
+    layout (config.json, model.safetensors.index.json and its shards), with the
+    MTP layers as MTP modules and FP8 weights dequantized (`weight_dequant`:
+    block x weight_scale_inv). Shards are read one at a time, each tensor
+    converted to FP32 as it is read: besides the model (4 bytes per parameter),
+    at most one shard's tensors are held, about 4 bytes per FP8 weight of that
+    shard. `overrides`: as `from_hf`."""
+    directory = pathlib.Path(directory)
+    for file in ("config.json", "model.safetensors.index.json"):
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"{directory} has no {file}: not a checkpoint in "
+                                    "DeepSeek's released layout")
+    config = _release_config(json.loads((directory / "config.json").read_text()))
+    args = args_from_hf_config(config, **overrides).replace(
+        mtp_depth=config.num_nextn_predict_layers)
+    weight_map = json.loads(
+        (directory / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(directory / file, framework="pt") as shard:
+            names = set(shard.keys())
+            for name in names:
+                if name.endswith("_scale_inv"):
+                    continue
+                tensor = shard.get_tensor(name)
+                if name + "_scale_inv" in names:
+                    scale_inv = shard.get_tensor(name + "_scale_inv")
+                    tensor = weight_dequant(tensor, scale_inv)
+                tensors[name] = tensor.float()
+    main, mtp = _split_release(tensors, args)
+    return _load(args, _Weights(main, config),
+                 _Weights(mtp, config) if args.mtp_depth else None,
+                 bool(config.rope_interleave))
+
+
+def _split_release(tensors: dict[str, torch.Tensor], args: ModelArgs
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The release's tensors -> the main model's (transformers' names) and the
+    MTP layers' (transformers' `MtpModel` names: layer n_layers + k becomes
+    `layers.{k}`, its embedding and head copies `embed_tokens` and `shared_head`,
+    which must be equal across layers)."""
+    main: dict[str, torch.Tensor] = {}
+    mtp: dict[str, torch.Tensor] = {}
+    renamed = {"shared_head.norm.weight": "post_norm.weight"}
+    shared = {"embed_tokens.weight": "embed_tokens.weight",
+              "shared_head.head.weight": "shared_head.weight"}
+    for name, tensor in tensors.items():
+        match = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if match is None or int(match[1]) < args.n_layers:
+            main[name] = tensor
+            continue
+        k, rest = int(match[1]) - args.n_layers, match[2]
+        if k >= args.mtp_depth:
+            raise ValueError(f"weight {name!r} belongs to layer {match[1]}, but the "
+                             f"config has {args.n_layers} layers and "
+                             f"num_nextn_predict_layers = {args.mtp_depth}")
+        if rest in shared:
+            if shared[rest] in mtp and not torch.equal(mtp[shared[rest]], tensor):
+                raise ValueError(f"the MTP layers' copies of {rest} differ")
+            mtp[shared[rest]] = tensor
+        elif rest in ("enorm.weight", "hnorm.weight", "eh_proj.weight") \
+                or rest in renamed:
+            mtp[f"layers.{k}.{renamed.get(rest, rest)}"] = tensor
+        else:
+            mtp[f"layers.{k}.mtp_block.{rest}"] = tensor
+    return main, mtp
+
+
 __all__ = ["from_hf", "to_hf", "hf_config", "to_hf_state_dict", "args_from_hf_config",
-           "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved"]
+           "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved",
+           "release_state_dict", "save_release", "load_release",
+           "RELEASE_QUANTIZATION"]

@@ -104,7 +104,7 @@ def test_mtp_layers_equal_transformers():
     hf_mtp.embed_tokens = copy.deepcopy(hf_mtp.embed_tokens)  # no longer the main model's
     with torch.no_grad():
         hf_mtp.embed_tokens.weight[0, 0] += 1
-    with pytest.raises(ValueError, match=r"mtp_model's embed_tokens.weight differs from the main model's"):
+    with pytest.raises(ValueError, match=r"the MTP layers' embed_tokens.weight differs from the main model's"):
         from_hf(hf, hf_mtp)
 
 
@@ -190,3 +190,107 @@ def test_to_hf_refuses_what_transformers_cannot_express():
 
     with pytest.raises(ValueError, match="score_func \\('softmax'\\) has no transformers"):
         hf_config(ModelArgs.tiny(score_func="softmax"))
+
+
+# ------------------------------------------------------------------------ the released layout
+def random_model(mtp_depth: int = 2):
+    """A tiny dsv3_lite model with O(1) weights (so FP8 rounding shows in its logits)."""
+    from dsv3_lite.config import ModelArgs
+    from dsv3_lite.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.tiny(mtp_depth=mtp_depth, rope_factor=1.0)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.3)
+    return model
+
+
+def test_the_released_layout_round_trips_exactly_in_fp32(tmp_path):
+    import json
+
+    from dsv3_lite.hf import load_release, save_release
+
+    model = random_model()
+    save_release(model, tmp_path, fp8=False, shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / f).is_file() for f in shards)
+    names = set(index["weight_map"])
+    n = model.args.n_layers
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in names  # one matrix per expert
+    assert {f"model.layers.{n + 1}.{part}" for part in (  # MTP module 2 as the last layer
+        "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+        "shared_head.head.weight", "embed_tokens.weight")} <= names
+    back = load_release(tmp_path)
+    tokens = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+        ours, theirs = (m.loss(tokens[:, :-1], tokens[:, 1:], mtp_lambda=0.3) for m in (model, back))
+    assert [float(d) for d in theirs.mtp_depths] == [float(d) for d in ours.mtp_depths]
+
+
+def test_fp8_release_weights_are_dequantized_on_load(tmp_path):
+    """save_release(fp8=True) stores the block linears as E4M3 with 128x128 block scales and the rest in
+    BF16; load_release's logits equal those of the same weights quantized and dequantized in memory."""
+    from safetensors import safe_open
+
+    from dsv3_lite.fp8 import weight_dequant, weight_quant
+    from dsv3_lite.hf import _RELEASE_FP8, _Weights, _load, _split_release, load_release, release_state_dict, save_release
+
+    model = random_model()
+    save_release(model, tmp_path, fp8=True)
+    with safe_open(tmp_path / "model-00001-of-00001.safetensors", framework="pt") as f:
+        q = f.get_tensor("model.layers.0.self_attn.q_b_proj.weight")
+        scale = f.get_tensor("model.layers.0.self_attn.q_b_proj.weight_scale_inv")
+        gate = f.get_tensor("model.layers.1.mlp.gate.weight")
+        bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.shape == (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
+    assert gate.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    expected = {}
+    for name, tensor in release_state_dict(model).items():
+        if _RELEASE_FP8.search(name):
+            expected[name] = weight_dequant(*weight_quant(tensor))
+        elif name.endswith("e_score_correction_bias"):
+            expected[name] = tensor
+        else:
+            expected[name] = tensor.bfloat16().float()
+    main, mtp = _split_release(expected, model.args)
+    reference = _load(model.args, _Weights(main, None), _Weights(mtp, None), True)
+    back = load_release(tmp_path)
+    tokens = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), reference(tokens))
+        assert not torch.equal(back(tokens), model(tokens))  # FP8 did round the weights
+
+
+def test_a_release_folder_and_save_pretrained_load_in_transformers(tmp_path):
+    from dsv3_lite.hf import save_release, to_hf
+
+    model = random_model(mtp_depth=1)
+    save_release(model, tmp_path / "release", fp8=False)
+    to_hf(model).save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(5))
+    for folder in ("release", "hf"):
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-4)
+
+
+def test_a_release_folder_that_does_not_match_is_named(tmp_path):
+    import json
+
+    from dsv3_lite.hf import load_release, save_release
+
+    with pytest.raises(FileNotFoundError, match="has no config.json: not a checkpoint"):
+        load_release(tmp_path)
+    model = random_model(mtp_depth=1)
+    save_release(model, tmp_path, fp8=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match="belongs to layer 3, but the config has 3 layers"):
+        load_release(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 16}))
+    with pytest.raises(ValueError, match="has shape .* but the config implies"):
+        load_release(tmp_path)
