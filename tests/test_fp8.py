@@ -136,6 +136,25 @@ def test_a_short_last_tile_is_quantized_as_if_zero_padded():
     assert torch.equal(w_scale, w_scale_pad) and torch.equal(w_q.float(), w_q_pad.float()[:200, :72])
 
 
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 40), (7, 1)])
+def test_a_dim_shorter_than_one_tile_is_one_tile_as_if_zero_padded(shape):
+    """ModelArgs.tiny's case (dim 64): one tile per row, one block per matrix, the
+    bits of quantizing the zero-padded tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    q, scale = act_quant(x)
+    q_pad, scale_pad = act_quant(F.pad(x, (0, 128 - shape[-1])))
+    assert scale.shape == shape[:-1] + (1,) and torch.equal(scale, scale_pad)
+    assert torch.equal(q.view(torch.uint8), q_pad.view(torch.uint8)[..., :shape[-1]])
+    w = torch.randn(3 * shape[0], shape[-1])
+    w_q, w_scale = weight_quant(w)
+    w_q_pad, w_scale_pad = weight_quant(F.pad(w, (0, 128 - w.shape[1], 0, 128 - w.shape[0])))
+    assert w_scale.shape == (1, 1) and torch.equal(w_scale, w_scale_pad)
+    assert torch.equal(w_q.view(torch.uint8), w_q_pad.view(torch.uint8)[:w.shape[0], :w.shape[1]])
+    half_step = float(w_scale) * E4M3.smallest_subnormal / 2  # the subnormals' rounding
+    torch.testing.assert_close(weight_dequant(w_q, w_scale), w, rtol=1 / 16, atol=half_step)
+
+
 @pytest.mark.parametrize("shape,blocks", [((200, 72), (2, 1)), ((256, 384), (2, 3)), ((130, 129), (2, 2))])
 def test_weight_quant_block_scales_and_round_trip(shape, blocks):
     torch.manual_seed(0)
@@ -463,3 +482,17 @@ def test_a_tiny_transformer_with_fp8_linears_trains_close_to_fp32():
     assert losses[True][-1] < 0.8 * losses[True][0]  # it learns
     assert losses[True][0] == pytest.approx(losses[False][0], rel=2e-3)  # step 0: FP8 error only
     assert losses[True][-1] == pytest.approx(losses[False][-1], rel=0.02)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_to_float_reads_the_same_values_as_torchs_cast(fmt):
+    from dsv3_lite.fp8 import to_float
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).reshape(16, 16)
+    for q in (codes, codes.T, codes[::2, 1:]):  # contiguous or not
+        ours, torchs = to_float(q), q.float()
+        assert ours.dtype == torch.float32 and ours.shape == q.shape
+        assert torch.equal(ours.isnan(), torchs.isnan())
+        finite = ~torchs.isnan()
+        assert torch.equal(ours[finite], torchs[finite])
+        assert torch.equal(ours[finite].signbit(), torchs[finite].signbit())  # -0 stays -0
