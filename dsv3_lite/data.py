@@ -5,6 +5,12 @@ on every machine and nothing is downloaded. It mixes, at toy scale, the domains
 of DeepSeek-V3's pre-training corpus (report 4.1): English and Chinese prose,
 arithmetic with worked, checkable answers, and small Python programs (material for
 fill-in-the-middle). `Corpus.from_text_file` trains on any local UTF-8 file instead.
+
+A `Corpus` packs its documents into one stream per split, each document followed
+by the end-of-text token. Chapters 1-5 draw random windows from it
+(`Corpus.batch`); the pre-training recipe of chapter 7 cuts it into fixed-length
+sequences (`Corpus.packed`) and rewrites a share of the code documents in the
+fill-in-the-middle layout (`fim_rate`, report 4.1).
 """
 from __future__ import annotations
 
@@ -256,6 +262,44 @@ def build_documents(docs_per_domain: int = 6000, seed: int = 0) -> list[Document
     return docs
 
 
+def read_documents(path: str | pathlib.Path) -> list[Document]:
+    """The paragraphs of a local UTF-8 text file (separated by blank lines; a
+    byte-order mark is skipped) as documents of the domain "text"."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is "
+                         f"{err.object[err.start:err.start + 1]!r}); save it "
+                         "as UTF-8") from None
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")
+                  if p.strip()]
+    return [Document("text", p) for p in paragraphs]
+
+
+# ----------------------------------------------------------------- fill-in-the-middle
+def fim_split(text: str, rng: random.Random) -> tuple[str, str, str]:
+    """Cut `text` at two random character positions into prefix, middle and
+    suffix (each may be empty)."""
+    a, b = sorted(rng.randint(0, len(text)) for _ in range(2))
+    return text[:a], text[a:b], text[b:]
+
+
+def fim_encode(tokenizer, prefix: str, middle: str, suffix: str) -> list[int]:
+    """A document in the Prefix-Suffix-Middle (PSM) layout of report 4.1,
+
+        <|fim_begin|> prefix <|fim_hole|> suffix <|fim_end|> middle
+
+    with this book's names for the three markers (<|fim_prefix|>, <|fim_suffix|>,
+    <|fim_middle|>). The model reads both sides of the gap before it writes the
+    middle, so it learns to fill a gap, while still predicting every token from
+    the ones before it. `tokenizer` needs `encode` and `special_id`."""
+    special = tokenizer.special_id
+    return ([special("<|fim_prefix|>")] + tokenizer.encode(prefix)
+            + [special("<|fim_suffix|>")] + tokenizer.encode(suffix)
+            + [special("<|fim_middle|>")] + tokenizer.encode(middle))
+
+
 # ----------------------------------------------------------------------------- corpus
 class Corpus:
     """Documents tokenized into one train and one validation stream of token ids.
@@ -265,12 +309,20 @@ class Corpus:
     end-of-text token. Every `val_every`-th document goes to validation, so both
     splits mix all domains. `train_domains` / `val_domains` give each token's domain
     (index into `domains`), for per-domain analyses.
+
+    With `fim_rate` > 0, each training document of the "code" domain is written in
+    the fill-in-the-middle layout (`fim_split`, `fim_encode`) with that probability
+    (report: 0.1), the choices and cut points drawn from `seed`; validation text
+    stays as written.
     """
 
     def __init__(self, documents: Sequence[Document], val_every: int = 10,
-                 tokenizer: ByteTokenizer | None = None):
+                 tokenizer: ByteTokenizer | None = None, fim_rate: float = 0.0,
+                 seed: int = 0):
         if val_every < 2:
             raise ValueError(f"val_every ({val_every}) must be >= 2")
+        if isinstance(fim_rate, bool) or not 0 <= fim_rate <= 1:
+            raise ValueError(f"fim_rate ({fim_rate}) must be a number in [0, 1]")
         if len(documents) < val_every:
             raise ValueError(f"need at least val_every ({val_every}) documents, got "
                              f"{len(documents)}")
@@ -281,14 +333,24 @@ class Corpus:
         splits = {"train": [], "val": []}
         for i, doc in enumerate(documents):
             splits["val" if i % val_every == val_every - 1 else "train"].append(doc)
-        self.train, self.train_domains = self._tokenize(splits["train"])
+        self.fim_rate = fim_rate
+        self.train, self.train_domains = self._tokenize(splits["train"], fim_rate,
+                                                        seed)
         self.val, self.val_domains = self._tokenize(splits["val"])
 
-    def _tokenize(self,
-                  docs: Sequence[Document]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokenize(self, docs: Sequence[Document], fim_rate: float = 0.0,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [doc.text for doc in docs]
+        # a tokenizer that can encode many texts at once (BPE) does
+        encode_batch = getattr(self.tokenizer, "encode_batch", None)
+        encodings = (encode_batch(texts) if encode_batch is not None
+                     else [self.tokenizer.encode(text) for text in texts])
+        rng = random.Random(seed)
         ids, dom = [], []
-        for doc in docs:
-            encoded = self.tokenizer.encode(doc.text) + [self.tokenizer.eot_id]
+        for doc, tokens in zip(docs, encodings):
+            if fim_rate and doc.domain == "code" and rng.random() < fim_rate:
+                tokens = fim_encode(self.tokenizer, *fim_split(doc.text, rng))
+            encoded = tokens + [self.tokenizer.eot_id]
             ids.append(torch.tensor(encoded, dtype=torch.long))
             dom.append(torch.full((len(encoded),), self.domains.index(doc.domain),
                                   dtype=torch.uint8))
@@ -302,30 +364,44 @@ class Corpus:
         return copy.deepcopy(_default_corpus())
 
     @classmethod
-    def from_text_file(cls, path: str | pathlib.Path,
-                       val_every: int = 10) -> "Corpus":
+    def from_text_file(cls, path: str | pathlib.Path, val_every: int = 10,
+                       **options) -> "Corpus":
         """Any local UTF-8 text file (a byte-order mark is skipped); paragraphs,
-        separated by blank lines, become documents, every `val_every`-th one
-        a validation document."""
-        path = pathlib.Path(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is "
-                             f"{err.object[err.start:err.start + 1]!r}); save it "
-                             "as UTF-8") from None
-        paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")
-                      if p.strip()]
-        if len(paragraphs) < val_every:
-            raise ValueError(f"{path}: {len(paragraphs)} paragraphs, but at least "
+        separated by blank lines, become documents (`read_documents`), every
+        `val_every`-th one a validation document. `options`: tokenizer, fim_rate,
+        seed, as for `Corpus`."""
+        documents = read_documents(path)
+        if len(documents) < val_every:
+            raise ValueError(f"{path}: {len(documents)} paragraphs, but at least "
                              f"val_every ({val_every}) are needed; paragraphs are "
                              "separated by blank lines")
-        return cls([Document("text", p) for p in paragraphs], val_every=val_every)
+        return cls(documents, val_every=val_every, **options)
 
     def split(self, name: str) -> torch.Tensor:
         if name not in ("train", "val"):
             raise ValueError(f"split ({name!r}) must be 'train' or 'val'")
         return self.train if name == "train" else self.val
+
+    def packed(self, split: str,
+               seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's stream cut into fixed-length training sequences: rows of
+        seq_len + 1 tokens (inputs row[:-1], targets row[1:]), each starting where
+        the previous one's inputs end, so every token is a target exactly once.
+        Returns the tokens and their domains, both (n_sequences, seq_len + 1)
+        views of the stream; a last piece shorter than a row is left out.
+
+        Documents run on across row boundaries with their end-of-text tokens
+        kept, and attention is not masked between the documents of a row
+        (report 4.1: packing "for data integrity", no cross-sample masking)."""
+        data = self.split(split)
+        labels = self.train_domains if split == "train" else self.val_domains
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len ({seq_len}) must be an int >= 1")
+        if seq_len + 1 > len(data):
+            raise ValueError(f"seq_len ({seq_len}) must be < the {split} split's "
+                             f"length ({len(data)})")
+        return data.unfold(0, seq_len + 1, seq_len), labels.unfold(0, seq_len + 1,
+                                                                   seq_len)
 
     def unigram_entropy(self, split: str = "train") -> float:
         """Entropy of the split's token frequencies (nats per token): the

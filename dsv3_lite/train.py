@@ -1,116 +1,54 @@
-"""A small, seeded training loop for the chapters' experiments
-(report 4.2's optimizer settings).
+"""Training: the chapters' small helper, and the command line of the full recipe.
 
-AdamW with beta = (0.9, 0.95), weight decay 0.1, gradient clipping at 1.0, linear
-warm-up then cosine decay to 10% of the peak learning rate. Deterministic on a CPU
-for a fixed seed and thread count.
+`train_lm` is the seeded loop the chapters run their experiments with (report 4.2's
+optimizer settings: AdamW with beta = (0.9, 0.95), weight decay 0.1, gradient
+clipping at 1.0; linear warm-up then cosine decay to 10% of the peak learning rate),
+on random windows of a `Corpus`. Deterministic on a CPU for a fixed seed and thread
+count.
+
+The command line trains a model with the whole recipe (`dsv3_lite.trainer`) on the
+book's corpus, a byte-level BPE tokenizer learned from it, and saves checkpoints
+(`dsv3_lite.checkpoint`):
+
+    python -m dsv3_lite.train --preset tiny --steps 2000 --seed 0 --out runs/tiny
+    python -m dsv3_lite.train --out runs/tiny --resume         # continue a run
+    torchrun --nproc_per_node 2 -m dsv3_lite.train --out runs/ddp ...  # DDP
+
+Every ModelArgs and TrainArgs field is an option (--dim 96, --lr 1e-3, ...);
+`python -m dsv3_lite.train --help` lists them.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+import pathlib
+import sys
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3_lite.data import Corpus
+from dsv3_lite.checkpoint import FILES, load_checkpoint, save_checkpoint
+from dsv3_lite.config import ModelArgs
+from dsv3_lite.data import Corpus, Document, build_documents, read_documents
+from dsv3_lite.model import Transformer
+from dsv3_lite.tokenizer import BPETokenizer
+from dsv3_lite.trainer import (History, Trainer, TrainArgs, _check_count,
+                               _check_rate, _cross_entropy, _device_of, evaluate)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module, int], None]
-
-
-@dataclass
-class History:
-    """Loss curves of one run: train loss at every step, validation loss
-    at each evaluation."""
-
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def final_val_loss(self) -> float:
-        if not self.val_loss:
-            raise ValueError("no validation loss was recorded "
-                             "(eval_every was 0 and no final evaluation)")
-        return self.val_loss[-1][1]
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of `model(x)` (logits of shape (batch, seq, vocab))
     against `y`."""
     return _cross_entropy(model(x), y)
-
-
-def _cross_entropy(logits: torch.Tensor, y: torch.Tensor,
-                   reduction: str = "mean") -> torch.Tensor:
-    if logits.shape[:2] != y.shape:
-        raise ValueError("model(x) must return logits (batch, seq, vocab); got "
-                         f"{tuple(logits.shape)} for targets {tuple(y.shape)}")
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
-                           reduction=reduction)
-
-
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} ({value}) must be >= {minimum}")
-
-
-def _check_rate(name: str, value: object, positive: bool, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-        raise ValueError(f"{name} ({value}) must be a finite number "
-                         f"{'> 0' if positive else '>= 0'}{why}")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (CPU if it has none); batches are drawn on
-    the CPU, so every device sees the same windows, and then moved there."""
-    param = next(model.parameters(), None)
-    return torch.device("cpu") if param is None else param.device
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, corpus: Corpus, split: str = "val",
-             batch_size: int = 16, seq_len: int = 128, n_batches: int = 8,
-             seed: int = 1234,
-             by_domain: bool = False) -> float | tuple[float, dict[str, float]]:
-    """Mean next-token loss over `n_batches` fixed windows (the same windows
-    for every model and call).
-
-    by_domain=True also returns the mean loss over the target tokens of each of
-    `corpus.domains` (NaN for a domain with no token in the windows).
-    """
-    _check_count("n_batches", n_batches, 1)
-    generator = torch.Generator().manual_seed(seed)
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    losses = []
-    total = torch.zeros(len(corpus.domains), dtype=torch.float64)
-    count = torch.zeros_like(total)
-    try:
-        for _ in range(n_batches):
-            # with by_domain, `labels` holds the domain index of every target token
-            x, y, *labels = corpus.batch(split, batch_size, seq_len, generator,
-                                         domains=by_domain)
-            logits, y = model(x.to(device)), y.to(device)
-            losses.append(_cross_entropy(logits, y).item())
-            if by_domain:
-                per_token = _cross_entropy(logits, y, reduction="none").double().cpu()
-                total.index_add_(0, labels[0].flatten(), per_token)
-                count.index_add_(0, labels[0].flatten(), torch.ones_like(per_token))
-    finally:
-        model.train(was_training)
-    mean = sum(losses) / n_batches
-    return ((mean, dict(zip(corpus.domains, (total / count).tolist()))) if by_domain
-            else mean)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -233,3 +171,210 @@ class TrainingLoss:
             raise RuntimeError("update_bias needs a step's expert load: call "
                                "the loss first")
         model.update_bias(self.expert_loads[-1])
+
+
+# ------------------------------------------------------------------- the command line
+# ModelArgs.tiny's vocabulary is the 260 tokens of the byte tokenizer; the command
+# line trains a BPE tokenizer to `vocab_size` tokens, 1,024 unless set.
+PRESETS: dict[str, Callable[[], ModelArgs]] = {
+    "tiny": lambda: ModelArgs.tiny(vocab_size=1024),
+    "small": ModelArgs.small,
+}
+MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelArgs) if f.name != "fp8"]
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainArgs)]
+DATA_DEFAULTS = {"text": None, "docs_per_domain": 6000}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsv3_lite.train",
+        usage="%(prog)s --out DIR [--resume] [--preset {tiny,small}] [options]",
+        description="Train a DeepSeek-V3-style model with the report's recipe on the "
+                    "book's corpus (or --text) and save a checkpoint in --out.")
+    parser.add_argument("--out", type=pathlib.Path, required=True,
+                        help="checkpoint directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                        help="model shape (tiny: ModelArgs.tiny with a 1,024-token "
+                             "vocabulary; small: ModelArgs.small)")
+    parser.add_argument("--text", default=argparse.SUPPRESS,
+                        help="train on this UTF-8 file (paragraphs are documents) "
+                             "instead of the book's corpus")
+    parser.add_argument("--docs-per-domain", type=int, default=argparse.SUPPRESS,
+                        help="size of the book's corpus (default 6000)")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="steps between checkpoints (default: at the end only)")
+    parser.add_argument("--stop-at", type=int,
+                        help="stop after this step with a checkpoint, as an "
+                             "interruption would; --resume continues")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda when available")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (on a machine busy with other "
+                             "jobs, 1 keeps threads from waiting on each other)")
+    model = parser.add_argument_group(
+        "model", "ModelArgs fields (default: the preset's; --precision fp8 sets fp8)")
+    tiny = PRESETS["tiny"]()
+    for name in MODEL_FIELDS:
+        model.add_argument(f"--{name}", type=type(getattr(tiny, name)),
+                           default=argparse.SUPPRESS, metavar=name.upper(),
+                           help=f"(preset tiny: {getattr(tiny, name)})")
+    train = parser.add_argument_group(
+        "training", "TrainArgs fields (precision: default bf16 on a GPU, else fp32)")
+    for f in dataclasses.fields(TrainArgs):
+        train.add_argument(f"--{f.name}", type=type(f.default),
+                           default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           help=f"(default {f.default})")
+    return parser
+
+
+def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
+    """Rank, number of processes and device of this process. Under torchrun (which
+    sets WORLD_SIZE, RANK, LOCAL_RANK and where to meet) the processes form a group:
+    NCCL between GPUs, one GPU per process, or gloo between CPU processes."""
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = 0, 1
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+def _documents(data: dict[str, Any]) -> list[Document]:
+    if data["text"] is not None:
+        return read_documents(data["text"])
+    return build_documents(data["docs_per_domain"])
+
+
+def _check_unchanged(saved: dict[str, Any], given: dict[str, Any]) -> None:
+    changed = [f"--{k} {v} (saved: {saved[k]})" for k, v in given.items()
+               if saved[k] != v]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: a resumed run keeps the settings "
+                         "it was saved with; start a new run in another --out to "
+                         "change them")
+
+
+def _setup(opts: argparse.Namespace, device: torch.device):
+    """(model, tokenizer, TrainArgs, data options, trainer state or None) of a new
+    run, or of the run saved in --out with --resume."""
+    given = vars(opts)
+    model_given = {k: given[k] for k in MODEL_FIELDS if k in given}
+    train_given = {k: given[k] for k in TRAIN_FIELDS if k in given}
+    data_given = {k: given[k] for k in DATA_DEFAULTS if k in given}
+    if opts.resume:
+        saved = load_checkpoint(opts.out, device)
+        if saved.train_args is None:
+            raise ValueError(f"{opts.out} holds no trainer state to resume")
+        _check_unchanged(dataclasses.asdict(saved.model.args), model_given)
+        _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
+        _check_unchanged(saved.data, data_given)
+        return (saved.model, saved.tokenizer, saved.train_args, saved.data,
+                saved.trainer_state)
+    if (opts.out / "config.json").exists():
+        raise ValueError(f"{opts.out} already holds a checkpoint: add --resume to "
+                         "continue it, or choose another --out")
+    if "precision" not in train_given:
+        train_given["precision"] = "bf16" if device.type == "cuda" else "fp32"
+    if "text" in data_given:
+        data_given["text"] = str(pathlib.Path(data_given["text"]).resolve())
+    data = {**DATA_DEFAULTS, **data_given}
+    train_args = TrainArgs(**train_given)
+    args = PRESETS[opts.preset]().replace(fp8=train_args.precision == "fp8",
+                                          **model_given)
+    tokenizer = BPETokenizer.train((d.text for d in _documents(data)),
+                                   args.vocab_size)
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"the corpus yields only {tokenizer.vocab_size} BPE tokens: "
+              f"vocab_size {args.vocab_size} -> {tokenizer.vocab_size}")
+        args = args.replace(vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(train_args.seed)
+    model = Transformer(args).to(device)  # drawn on the CPU, the same everywhere
+    return model, tokenizer, train_args, data, None
+
+
+def _describe(trainer: Trainer, tokenizer: BPETokenizer, out: pathlib.Path) -> str:
+    m, a, corpus = trainer.model, trainer.args, trainer.corpus
+    lines = [
+        f"model: {m.num_params():,} parameters (MTP: "
+        f"+{m.num_params(mtp=True) - m.num_params():,}), {m.args.n_layers} layers, "
+        f"dim "
+        f"{m.args.dim}, {m.args.n_routed_experts} routed experts (top "
+        f"{m.args.n_activated_experts}), {a.precision} on {trainer.device}"
+        + (f", {trainer.world_size} processes" if trainer.world_size > 1 else ""),
+        f"data: {corpus!r}, {len(trainer.sequences):,} training sequences of "
+        f"{a.seq_len} tokens, FIM rate {a.fim_rate}",
+        f"run: {a.steps} steps, batch {a.batch_size_start} -> {a.batch_size}, lr "
+        f"{a.lr:g}, seed {a.seed}; checkpoint in {out}",
+    ]
+    return "\n".join(lines)
+
+
+def _validation(history: History) -> str:
+    step, by_domain = history.val_by_domain[-1]
+    domains = ", ".join(f"{name} {loss:.3f}" for name, loss in by_domain.items())
+    return (f"step {step}: validation loss {history.val_loss[-1][1]:.4f} "
+            f"nats/token ({domains})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (see the module docstring and --help)."""
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    rank, world_size, device = _start_processes(opts.device)
+    say = print if rank == 0 else (lambda *_, **__: None)
+    try:
+        model, tokenizer, train_args, data, state = _setup(opts, device)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.error(str(err))
+    corpus = Corpus(_documents(data), tokenizer=tokenizer,
+                    fim_rate=train_args.fim_rate, seed=train_args.seed)
+    trainer = Trainer(model, corpus, train_args)
+    if state is not None:
+        trainer.load_state_dict(state)
+        say(f"resuming {opts.out} at step {trainer.step} of {train_args.steps}")
+    say(_describe(trainer, tokenizer, opts.out))
+    stop = min(opts.stop_at or train_args.steps, train_args.steps)
+
+    def save() -> None:
+        if rank == 0:
+            save_checkpoint(opts.out, model, tokenizer, trainer, data)
+            (opts.out / "history.json").write_text(
+                json.dumps(dataclasses.asdict(trainer.history)) + "\n",
+                encoding="utf-8")
+
+    def after_step(trainer: Trainer) -> None:
+        history = trainer.history
+        if rank == 0 and history.val_loss and history.val_loss[-1][0] == trainer.step:
+            tqdm.write(_validation(history))
+        if opts.save_every and trainer.step % opts.save_every == 0:
+            save()
+
+    try:
+        trainer.train(until=stop, after_step=after_step)
+    except KeyboardInterrupt:
+        save()
+        say(f"interrupted at step {trainer.step}: checkpoint in {opts.out}; "
+            "continue with --resume")
+        sys.exit(130)
+    save()
+    speed = sorted(trainer.history.tokens_per_s)
+    if speed:
+        say(f"median {speed[len(speed) // 2]:,.0f} tokens/s (all processes)")
+    if world_size > 1:
+        agree = trainer.balance_biases_agree()
+        say(f"balance biases identical on all {world_size} processes: {agree}")
+        dist.destroy_process_group()
+    say(f"checkpoint at step {trainer.step}: {opts.out} ({', '.join(FILES)}, "
+        "history.json)")
+
+
+if __name__ == "__main__":
+    main()

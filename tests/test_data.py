@@ -1,11 +1,13 @@
-"""The corpus is deterministic, mixes the four domains, and the tokenizer round-trips any text."""
+"""The corpus is deterministic, mixes the four domains, and the tokenizer round-trips any text; packing keeps
+the end-of-text separators; fill-in-the-middle rewrites about 10% of code documents in PSM order, by seed."""
 import hashlib
 import math
+import random
 
 import pytest
 import torch
 
-from dsv3_lite.data import DOMAINS, ByteTokenizer, Corpus, Document, build_documents
+from dsv3_lite.data import DOMAINS, ByteTokenizer, Corpus, Document, build_documents, fim_encode, fim_split
 
 # sha256 of the default train split: any change to the generator (or to Python's `random`) changes it, and
 # with it every chapter's numbers.
@@ -153,3 +155,63 @@ def test_the_corpus_encodes_with_its_tokenizer():
     corpus = Corpus([Document("text", "hello world again")] * 10, tokenizer=Words())
     assert corpus.train[:4].tolist() == [0, 1, 2, 3] and len(corpus.train) == 9 * 4
     assert corpus.train_domains.shape == corpus.train.shape
+
+
+# ------------------------------------------------------------------------------------- fill-in-the-middle
+def test_fim_split_cuts_a_document_in_three():
+    rng = random.Random(0)
+    text = "def f(x):\n    return x + 1\n"
+    for _ in range(50):
+        prefix, middle, suffix = fim_split(text, rng)
+        assert prefix + middle + suffix == text
+
+
+def test_a_fim_sample_decodes_in_psm_order():
+    tok = ByteTokenizer()
+    text = "def clamp(x, low=0, high=9):\n    return max(low, min(high, x))\n"
+    prefix, middle, suffix = fim_split(text, random.Random(3))
+    assert middle  # this seed cuts a non-empty middle
+    decoded = tok.decode(fim_encode(tok, prefix, middle, suffix))
+    assert decoded == f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>{middle}"
+    before_middle, written_middle = decoded.split("<|fim_middle|>")
+    reread_prefix, reread_suffix = before_middle.removeprefix("<|fim_prefix|>").split("<|fim_suffix|>")
+    assert reread_prefix + written_middle + reread_suffix == text  # the original document
+
+
+def fim_documents(corpus, split="train"):
+    """(fim documents, documents) in a split: a document starts after each <|endoftext|>."""
+    data, tok = corpus.split(split), corpus.tokenizer
+    starts = torch.cat([torch.tensor([0]), (data == tok.eot_id).nonzero().flatten()[:-1] + 1])
+    return int((data[starts] == tok.special_id("<|fim_prefix|>")).sum()), len(starts)
+
+
+def test_fim_rewrites_about_a_tenth_of_the_code_documents_by_seed():
+    docs = build_documents(docs_per_domain=1000)
+    corpus = Corpus(docs, fim_rate=0.1, seed=0)
+    n_fim, _ = fim_documents(corpus)
+    n_code = sum(d.domain == "code" for i, d in enumerate(docs) if i % 10 != 9)
+    assert 0.07 < n_fim / n_code < 0.13
+    assert fim_documents(corpus, "val")[0] == 0  # validation text stays as written
+    again, other = Corpus(docs, fim_rate=0.1, seed=0), Corpus(docs, fim_rate=0.1, seed=1)
+    assert torch.equal(again.train, corpus.train) and not torch.equal(other.train, corpus.train)
+    fim = corpus.train_domains[corpus.train == corpus.tokenizer.special_id("<|fim_middle|>")]
+    assert (fim == corpus.domains.index("code")).all()
+    plain = Corpus(docs)
+    assert torch.equal(Corpus(docs, fim_rate=0.0, seed=5).train, plain.train)
+    assert len(corpus.train) == len(plain.train) + 3 * n_fim  # three markers per FIM document
+    with pytest.raises(ValueError, match=r"fim_rate \(1.5\) must be a number in \[0, 1\]"):
+        Corpus(docs, fim_rate=1.5)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def test_packed_sequences_cover_the_stream_with_separators(corpus):
+    rows, domains = corpus.packed("train", 64)
+    assert rows.shape == domains.shape == ((len(corpus.train) - 65) // 64 + 1, 65)
+    assert torch.equal(rows[:-1, -1], rows[1:, 0])  # the last target of a row is the next row's first input
+    assert torch.equal(rows[0], corpus.train[:65]) and torch.equal(rows[3, 1:], corpus.train[3 * 64 + 1:4 * 64 + 1])
+    assert torch.equal(domains[3], corpus.train_domains[192:257])
+    assert (rows == corpus.tokenizer.eot_id).any(dim=1).float().mean() > 0.2  # documents end inside rows
+    with pytest.raises(ValueError, match=r"seq_len \(0\) must be an int >= 1"):
+        corpus.packed("train", 0)
+    with pytest.raises(ValueError, match="must be <"):
+        Corpus([Document("text", "ab")] * 10).packed("val", 64)

@@ -14,12 +14,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dsv3_lite"
 # components <- the assembled model <- its users <- notebooks).
 LAYERS = [
     {"cache_size", "norm", "data", "fp8"},
+    {"tokenizer"},
     {"config"},
     {"rope", "kernels"},
     {"mla", "moe"},
     {"block"},
     {"mtp"},
     {"model"},
+    {"trainer"},
+    {"checkpoint"},
     {"generate", "hf", "pipeline", "timing", "train"},
     {"nbtools"},
 ]

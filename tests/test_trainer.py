@@ -1,0 +1,246 @@
+"""The pre-training recipe: the report's schedules, AdamW groups, the balance-bias schedule, a history that
+plots, precision options, determinism, and a resumed run equal bit for bit to an uninterrupted one."""
+import dataclasses
+import json
+import math
+
+import matplotlib
+import pytest
+import torch
+
+from dsv3_lite import ModelArgs
+from dsv3_lite.checkpoint import load_checkpoint, save_checkpoint
+from dsv3_lite.data import Corpus, build_documents
+from dsv3_lite.model import Transformer
+from dsv3_lite.tokenizer import BPETokenizer
+from dsv3_lite.trainer import History, Trainer, TrainArgs
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+# A model small enough that a step takes a few milliseconds, with every V3 feature on.
+SHAPE = dict(dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2, q_lora_rank=16, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64)
+RUN = dict(steps=10, seq_len=32, batch_size=8, batch_size_start=4, batch_warmup=0.3, warmup_steps=2,
+           eval_batches=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return BPETokenizer.train((d.text for d in build_documents(60)), vocab_size=320)
+
+
+def make_corpus(tok):
+    # few enough training sequences (about 60) that a run passes over them more than once
+    return Corpus(build_documents(4), val_every=4, tokenizer=tok, fim_rate=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tok):
+    return make_corpus(tok)
+
+
+def make(tok, corpus, seed=0, **changes):
+    args = TrainArgs(**{**RUN, **changes})
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, fp8=args.precision == "fp8", **SHAPE))
+    return Trainer(model, corpus, args, progress=False)
+
+
+def biases(model):
+    return torch.cat([moe.gate.bias for moe in model.moe_layers()])
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_defaults_are_the_reports_breakpoints():
+    """Report 4.2: 14.8T tokens; LR constant to 10T, cosine to 14.3T, 2.2e-5 for 333B, 7.3e-6 for the last
+    167B; batch warm-up over 469B tokens; MTP lambda 0.3 then 0.1 after 10T; gamma 0 for the last 500B."""
+    a = TrainArgs()
+    assert (a.beta1, a.beta2, a.weight_decay, a.grad_clip, a.fim_rate) == (0.9, 0.95, 0.1, 1.0, 0.1)
+    for value, report in [(a.decay_start, 10 / 14.8), (a.decay_end, 14.3 / 14.8), (a.final_start, 14.633 / 14.8),
+                          (a.lr_decayed, 2.2e-5 / 2.2e-4), (a.lr_final, 7.3e-6 / 2.2e-4),
+                          (a.batch_warmup, 0.469 / 14.8), (a.mtp_switch, 10 / 14.8), (a.gamma_off, 14.3 / 14.8)]:
+        assert value == pytest.approx(report, abs=1e-3)
+    assert (a.mtp_lambda, a.mtp_lambda_late) == (0.3, 0.1)
+
+
+def test_learning_rate_shape():
+    a = TrainArgs(steps=1000, lr=1.0, warmup_steps=10)
+    assert a.lr_at(0) == pytest.approx(0.1) and a.lr_at(9) == 1.0  # linear warm-up
+    assert a.lr_at(10) == a.lr_at(675) == 1.0  # constant
+    middle = (a.decay_start + a.decay_end) / 2 * 1000
+    assert a.lr_at(int(middle)) == pytest.approx(0.55, abs=0.01)  # halfway down the cosine
+    assert a.lr_at(966) == a.lr_at(988) == pytest.approx(0.1)  # first final constant
+    assert a.lr_at(989) == a.lr_at(999) == pytest.approx(0.033)  # last constant
+    curve = [a.lr_at(s) for s in range(10, 1000)]
+    assert all(x >= y for x, y in zip(curve, curve[1:]))
+    short = TrainArgs(steps=4, lr=1.0, warmup_steps=10)  # warms up over all its steps
+    assert [short.lr_at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_batch_size_grows_in_multiples_of_the_first_batch():
+    a = TrainArgs(steps=1000, batch_size=32, batch_size_start=8, batch_warmup=0.1)
+    sizes = [a.batch_size_at(s) for s in range(1000)]
+    assert sizes[0] == 8 and sizes[99] == 32 and set(sizes[100:]) == {32}
+    assert sorted(set(sizes)) == [8, 16, 24, 32] and sizes == sorted(sizes)
+    assert [sizes.index(b) for b in (16, 24, 32)] == [25, 50, 75]
+    assert TrainArgs(steps=10, batch_warmup=0.0).batch_size_at(0) == 32
+
+
+def test_mtp_weight_and_bias_speed_schedules():
+    a = TrainArgs(steps=1000)
+    assert [a.mtp_lambda_at(s) for s in (0, 675, 676, 999)] == [0.3, 0.3, 0.1, 0.1]
+    assert [a.gamma_at(s, 0.001) for s in (0, 965, 966, 999)] == [0.001, 0.001, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(steps=0), r"steps \(0\) must be >= 1"),
+    (dict(lr=-1.0), r"lr \(-1.0\) must be a finite number > 0"),
+    (dict(batch_size=8, batch_size_start=16), r"batch_size_start \(16\) must be <= batch_size \(8\)"),
+    (dict(decay_start=0.9, decay_end=0.8), r"decay_start \(0.9\) <= decay_end \(0.8\)"),
+    (dict(gamma_off=1.5), r"gamma_off \(1.5\) must be in \[0, 1\]"),
+    (dict(precision="fp16"), r"precision \('fp16'\) must be 'fp32', 'bf16' or 'fp8'"),
+    (dict(grad_clip=-1.0), r"grad_clip \(-1.0\) must be a finite number >= 0 \(0 switches clipping off\)"),
+    (dict(seq_len=32.0), r"seq_len must be an int, got float"),
+])
+def test_bad_train_args(setting, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TrainArgs(**setting)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def test_optimizer_decays_matrices_only(tok, corpus):
+    trainer = make(tok, corpus)
+    decay, no_decay = trainer.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["betas"] == (0.9, 0.95)
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not any(id(moe.gate.bias) in in_optimizer for moe in trainer.model.moe_layers())  # moved by gamma
+
+
+def test_training_is_deterministic_learns_and_records_its_history(tok, corpus):
+    a, b = make(tok, corpus), make(tok, corpus)
+    h = a.train()
+    assert b.train().train_loss == h.train_loss
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert torch.equal(biases(a.model), biases(b.model))
+    assert a.position > len(a.sequences)  # the run passed over the data more than once
+    n = RUN["steps"]
+    for name in ("train_loss", "main_loss", "mtp_loss", "lr", "batch_size", "max_violation", "grad_norm",
+                 "tokens_per_s"):
+        assert len(getattr(h, name)) == n, name
+    assert h.batch_size == [a.args.batch_size_at(s) for s in range(n)] == [4, 4, 8, 8, 8, 8, 8, 8, 8, 8]
+    assert h.lr == [a.args.lr_at(s) for s in range(n)]
+    assert h.main_loss[-1] < h.main_loss[0] - 0.3
+    assert all(t == pytest.approx(m + x, abs=1e-3) for t, m, x in zip(h.train_loss, h.main_loss, h.mtp_loss))
+    assert all(v >= 0 for v in h.max_violation) and all(g > 0 for g in h.grad_norm)
+    step, loss = h.val_loss[-1]
+    assert step == n and math.isfinite(loss) and sorted(h.val_by_domain[-1][1]) == sorted(corpus.domains)
+    saved = json.dumps(dataclasses.asdict(h))  # as history.json (NaN: a domain absent from the windows)
+    assert json.dumps(dataclasses.asdict(History.from_dict(json.loads(saved)))) == saved
+    fig = h.plot(Figure(figsize=(10, 5)))
+    assert len(fig.axes) == 6 and fig.axes[0].get_title() == "loss (nats/token)"
+
+
+def test_batches_pass_over_every_sequence_once_per_epoch(tok, corpus):
+    trainer = make(tok, corpus)
+    n = len(trainer.sequences)
+    seen = []
+    while trainer.position < 2 * n:
+        size = min(7, 2 * n - trainer.position)
+        x, y = trainer._batch(size)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        seen.append(torch.cat([x, y[:, -1:]], dim=1))
+        trainer.position += size
+    seen = torch.cat(seen)
+    for epoch in (seen[:n], seen[n:]):
+        assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, trainer.sequences.tolist()))
+    assert not torch.equal(seen[:n], seen[n:])  # each pass in its own order
+
+
+def test_balance_biases_move_until_gamma_off(tok, corpus):
+    trainer = make(tok, corpus, gamma_off=0.5)
+    start = biases(trainer.model).clone()
+    trainer.train(until=5)
+    middle = biases(trainer.model).clone()
+    trainer.train()
+    assert not torch.equal(start, middle) and torch.equal(middle, biases(trainer.model))
+    assert (middle - start).abs().max() <= 5 * trainer.model.args.bias_update_speed + 1e-9
+
+
+def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tok, corpus, tmp_path):
+    """N steps vs N/2 + save + load + N/2, across a pass over the data and the batch-size warm-up."""
+    whole = make(tok, corpus)
+    whole.train()
+    first = make(tok, corpus)
+    first.train(until=5)
+    save_checkpoint(tmp_path, first.model, tok, first)
+    torch.manual_seed(123)  # whatever happened in between
+    saved = load_checkpoint(tmp_path)
+    second = Trainer(saved.model, make_corpus(saved.tokenizer), saved.train_args, progress=False)
+    second.load_state_dict(saved.trainer_state)
+    assert second.step == 5
+    history = second.train()
+    assert history.train_loss == whole.history.train_loss
+    assert history.val_loss == whole.history.val_loss
+    assert history.grad_norm == whole.history.grad_norm
+    for (name, p), q in zip(whole.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert torch.equal(torch.get_rng_state(), whole_rng_after(tok, corpus))
+
+
+def whole_rng_after(tok, corpus):
+    """torch's random state after an uninterrupted run (the trainer draws nothing from it)."""
+    make(tok, corpus).train()
+    return torch.get_rng_state()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_lower_precision_trains_close_to_fp32(tok, corpus, precision):
+    reference = make(tok, corpus, steps=3, warmup_steps=1).train()
+    history = make(tok, corpus, steps=3, warmup_steps=1, precision=precision).train()
+    assert history.main_loss[0] == pytest.approx(reference.main_loss[0], rel=0.02)
+    assert all(math.isfinite(v) for v in history.train_loss)
+
+
+def test_precision_must_match_the_model(tok, corpus):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SHAPE))
+    with pytest.raises(ValueError, match=r"precision 'fp8' needs a model with ModelArgs.fp8=True"):
+        Trainer(model, corpus, TrainArgs(**RUN, precision="fp8"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(seq_len=128), r"seq_len \(128\) must be <= the model's max_seq_len \(64\)"),
+    (dict(fim_rate=0.0), r"the corpus was built with fim_rate 0.1, TrainArgs has 0.0"),
+])
+def test_setting_that_does_not_fit_the_model_or_corpus(tok, corpus, change, message):
+    with pytest.raises(ValueError, match=message):
+        make(tok, corpus, **change)
+
+
+def test_vocabulary_must_fit(tok, corpus):
+    model = Transformer(ModelArgs.tiny(vocab_size=260, **SHAPE))
+    with pytest.raises(ValueError, match=r"tokenizer has 320 tokens, more than the model's vocab_size \(260\)"):
+        Trainer(model, corpus, TrainArgs(**RUN))
+
+
+def test_until_must_lie_ahead(tok, corpus):
+    trainer = make(tok, corpus)
+    trainer.train(until=2)
+    with pytest.raises(ValueError, match=r"until \(1\) must be >= 2"):
+        trainer.train(until=1)
+    with pytest.raises(ValueError, match=r"until \(11\) must be <= steps \(10\)"):
+        trainer.train(until=11)
+
+
+def test_a_loss_that_is_not_finite_stops_before_the_step(tok, corpus):
+    trainer = make(tok, corpus)
+    with torch.no_grad():
+        trainer.model.head.weight[0, 0] = float("inf")
+    before = [p.clone() for p in trainer.model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 10 .*lower lr"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert trainer.step == 0
