@@ -8,8 +8,10 @@
     trainer_state.pt    optimizer moments, step, data position, RNG states and
                         history (`Trainer.state_dict`)
 
-Each file is written under a temporary name and then renamed, so an interrupted save
-leaves the previous checkpoint whole. Loading checks every file and every tensor: a
+Each file is written under a temporary name and then renamed, so no file is ever
+left half written; the files are replaced one after another, so a save interrupted
+between two of them leaves files of two different steps (save again before resuming).
+Loading checks every file and every tensor: a
 truncated file, a tensor missing, left over or of another shape is an error that
 names it, never a partial load.
 """
@@ -158,7 +160,7 @@ def load_checkpoint(directory: str | pathlib.Path,
     if config["train"] is not None:
         path = directory / "trainer_state.pt"
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} is missing: config.json says the "
                                     "checkpoint has a trainer state") from None

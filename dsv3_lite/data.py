@@ -321,7 +321,8 @@ class Corpus:
                  seed: int = 0):
         if val_every < 2:
             raise ValueError(f"val_every ({val_every}) must be >= 2")
-        if isinstance(fim_rate, bool) or not 0 <= fim_rate <= 1:
+        if (isinstance(fim_rate, bool) or not isinstance(fim_rate, (int, float))
+                or not 0 <= fim_rate <= 1):
             raise ValueError(f"fim_rate ({fim_rate}) must be a number in [0, 1]")
         if len(documents) < val_every:
             raise ValueError(f"need at least val_every ({val_every}) documents, got "
@@ -386,7 +387,8 @@ class Corpus:
                seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The split's stream cut into fixed-length training sequences: rows of
         seq_len + 1 tokens (inputs row[:-1], targets row[1:]), each starting where
-        the previous one's inputs end, so every token is a target exactly once.
+        the previous one's inputs end, so every token after the first, up to the
+        last full row, is a target exactly once.
         Returns the tokens and their domains, both (n_sequences, seq_len + 1)
         views of the stream; a last piece shorter than a row is left out.
 

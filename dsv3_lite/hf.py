@@ -408,7 +408,8 @@ RELEASE_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3",
                         "weight_block_size": [128, 128]}
 # quantized in the release: every linear layer of the blocks (not the gate,
 # embedding, head, norms, nor MTP's eh_proj)
-_RELEASE_FP8 = re.compile(r"\.(self_attn\.\w+_proj|mlp\.(\w+\.)*\w+_proj)\.weight$")
+_RELEASE_FP8 = re.compile(
+    r"\.(self_attn\.\w+_proj(_with_mqa)?|mlp\.(\w+\.)*\w+_proj)\.weight$")
 
 
 def _per_expert(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -456,6 +457,8 @@ def save_release(model: Transformer, directory: str | pathlib.Path, fp8: bool = 
     BF16, the gate's bias in FP32); without, everything in FP32."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("model-*-of-*.safetensors"):  # an earlier save's
+        stale.unlink()
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in release_state_dict(model).items():
         if fp8 and _RELEASE_FP8.search(name):
@@ -480,12 +483,14 @@ def save_release(model: Transformer, directory: str | pathlib.Path, fp8: bool = 
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
+        encoding="utf-8")
     config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
               **hf_config(model.args)}
     if fp8:
         config["quantization_config"] = RELEASE_QUANTIZATION
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2),
+                                           encoding="utf-8")
     return directory
 
 
@@ -509,20 +514,23 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
     """A dsv3_lite `Transformer` from a checkpoint folder in DeepSeek's released
     layout (config.json, model.safetensors.index.json and its shards), with the
     MTP layers as MTP modules and FP8 weights dequantized (`weight_dequant`:
-    block x weight_scale_inv). Shards are read one at a time, each tensor
-    converted to FP32 as it is read: besides the model (4 bytes per parameter),
-    at most one shard's tensors are held, about 4 bytes per FP8 weight of that
-    shard. `overrides`: as `from_hf`."""
+    block x weight_scale_inv). Shards are read one at a time (memory-mapped),
+    each tensor converted to FP32 as it is read; all of them are collected before
+    the model is built, so the peak is about twice the FP32 model: 8 bytes per
+    parameter, whatever the checkpoint's N bytes on disk. `overrides`: as
+    `from_hf`."""
     directory = pathlib.Path(directory)
     for file in ("config.json", "model.safetensors.index.json"):
         if not (directory / file).is_file():
             raise FileNotFoundError(f"{directory} has no {file}: not a checkpoint in "
                                     "DeepSeek's released layout")
-    config = _release_config(json.loads((directory / "config.json").read_text()))
+    config = _release_config(json.loads(
+        (directory / "config.json").read_text(encoding="utf-8")))
     args = args_from_hf_config(config, **overrides).replace(
         mtp_depth=config.num_nextn_predict_layers)
     weight_map = json.loads(
-        (directory / "model.safetensors.index.json").read_text())["weight_map"]
+        (directory / "model.safetensors.index.json").read_text(encoding="utf-8")
+    )["weight_map"]
     tensors = {}
     for file in sorted(set(weight_map.values())):
         with safe_open(directory / file, framework="pt") as shard:

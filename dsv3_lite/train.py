@@ -329,6 +329,15 @@ def main(argv: list[str] | None = None) -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     rank, world_size, device = _start_processes(opts.device)
+    try:
+        _run(opts, parser, rank, world_size, device)
+    finally:  # an error or an interrupt must not leave the process group open
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
+         world_size: int, device: torch.device) -> None:
     say = print if rank == 0 else (lambda *_, **__: None)
     try:
         model, tokenizer, train_args, data, state = _setup(opts, device)
@@ -340,8 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     if state is not None:
         trainer.load_state_dict(state)
         say(f"resuming {opts.out} at step {trainer.step} of {train_args.steps}")
+    if trainer.step >= train_args.steps:
+        parser.error(f"the run in {opts.out} already reached --steps "
+                     f"({train_args.steps}): give a larger --steps to continue it")
+    stop = train_args.steps if opts.stop_at is None else opts.stop_at
+    if not trainer.step < stop <= train_args.steps:
+        parser.error(f"--stop-at ({stop}) must be > the step reached "
+                     f"({trainer.step}) and <= --steps ({train_args.steps})")
     say(_describe(trainer, tokenizer, opts.out))
-    stop = min(opts.stop_at or train_args.steps, train_args.steps)
 
     def save() -> None:
         if rank == 0:
@@ -371,7 +386,6 @@ def main(argv: list[str] | None = None) -> None:
     if world_size > 1:
         agree = trainer.balance_biases_agree()
         say(f"balance biases identical on all {world_size} processes: {agree}")
-        dist.destroy_process_group()
     say(f"checkpoint at step {trainer.step}: {opts.out} ({', '.join(FILES)}, "
         "history.json)")
 

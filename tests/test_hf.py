@@ -246,6 +246,17 @@ def test_fp8_release_weights_are_dequantized_on_load(tmp_path):
         gate = f.get_tensor("model.layers.1.mlp.gate.weight")
         bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
     assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    # every linear weight of every block (MTP blocks too) is FP8 with its scales; nothing else is
+    with safe_open(tmp_path / "model-00001-of-00001.safetensors", framework="pt") as f:
+        fp8_names = {n for n in f.keys() if f.get_slice(n).get_dtype() == "F8_E4M3"}
+        scaled = {n.removesuffix("_scale_inv") for n in f.keys() if n.endswith("_scale_inv")}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and (".attn." in n or ".ffn." in n)}
+    n_expert_mats = sum(3 * len(m.experts) for m in model.moe_layers())  # MTP's too
+    assert fp8_names == scaled
+    assert len(fp8_names) == len(linears) + n_expert_mats
+    assert any(n.endswith("kv_a_proj_with_mqa.weight") for n in fp8_names)
+    assert not any("gate.weight" in n or "eh_proj" in n or "embed" in n for n in fp8_names)
     assert scale.shape == (-(-q.shape[0] // 128), -(-q.shape[1] // 128))
     assert gate.dtype == torch.bfloat16 and bias.dtype == torch.float32
     expected = {}
