@@ -350,8 +350,8 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
         trainer.load_state_dict(state)
         say(f"resuming {opts.out} at step {trainer.step} of {train_args.steps}")
     if trainer.step >= train_args.steps:
-        parser.error(f"the run in {opts.out} already reached --steps "
-                     f"({train_args.steps}): give a larger --steps to continue it")
+        parser.error(f"the run in {opts.out} is complete (step {trainer.step} of "
+                     f"{train_args.steps}): nothing to resume")
     stop = train_args.steps if opts.stop_at is None else opts.stop_at
     if not trainer.step < stop <= train_args.steps:
         parser.error(f"--stop-at ({stop}) must be > the step reached "
