@@ -92,21 +92,14 @@ def same_step(name: str, args: ModelArgs, opts: argparse.Namespace) -> dict:
                 params=ours.num_params())
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--steps", type=positive_int, default=8, help="trainer steps timed per setting")
-    parser.add_argument("--reps", type=positive_int, default=5, help="same-step calls each; the fastest counts")
-    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per step")
-    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--threads", type=vs.positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--steps", type=vs.positive_int, default=8, help="trainer steps timed per setting")
+    parser.add_argument("--reps", type=vs.positive_int, default=5, help="same-step calls each; the fastest counts")
+    parser.add_argument("--batch", type=vs.positive_int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=vs.positive_int, default=128)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))

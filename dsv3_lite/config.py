@@ -18,6 +18,14 @@ AttnImpl = Literal["naive", "absorb"]
 Kernels = Literal["auto", "triton", "reference"]
 
 
+
+def check_int(name: str, value: object, minimum: int) -> None:
+    """A clear TypeError / ValueError unless `value` is an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} ({value}) must be >= {minimum}")
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Hyper-parameters of a DeepSeek-V3-style model (frozen: change a field

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv3_lite.block import Block
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.fp8 import calc_diff
 
 KINDS = ("F", "B", "BI", "W")
@@ -121,13 +121,6 @@ class Schedule:
         return dataclasses.replace(self, ranks=tuple(tuple(r) for r in ranks))
 
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} ({value}) must be >= {low}")
-
-
 def check_schedule(schedule: Schedule) -> None:
     """Raise ValueError unless every chunk of every micro-batch runs exactly once
     per stage, on the rank that holds the stage, in the order F, then B (or BI,
@@ -186,8 +179,8 @@ def _op_at(schedule: Schedule, rank: int, position: int,
 
 # ----------------------------------------------------------------------- builders
 def _check_sizes(method: str, n_ranks: int, n_micro_batches: int) -> None:
-    _check_int("n_ranks", n_ranks, 1)
-    _check_int("n_micro_batches", n_micro_batches, 1)
+    check_int("n_ranks", n_ranks, 1)
+    check_int("n_micro_batches", n_micro_batches, 1)
     if method == "DualPipe":
         if n_ranks % 2:
             raise ValueError(f"DualPipe needs an even number of ranks, got PP = "
@@ -596,7 +589,7 @@ def overlap_pair(costs: OverlapCosts, n_layers: int = 4,
     streams, each running its parts in the report's order and each part
     starting once what it waits for has finished. With overlap=False every part
     also waits for the part before it: the time of one stream doing it all."""
-    _check_int("n_layers", n_layers, 1)
+    check_int("n_layers", n_layers, 1)
     for name, value in costs._asdict().items():
         if not value >= 0:
             raise ValueError(f"{name} ({value}) must be >= 0")
@@ -680,7 +673,7 @@ class Workload:
     def __post_init__(self) -> None:
         for name in ("n_stages", "layers_per_stage", "n_micro_batches",
                      "micro_batch_size", "seq_len"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
 
     def model_args(self) -> ModelArgs:
         n = self.n_stages * self.layers_per_stage

@@ -34,11 +34,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dsv3_lite.checkpoint import FILES, load_checkpoint, save_checkpoint
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.data import Corpus, Document, build_documents, read_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
-from dsv3_lite.trainer import (History, Trainer, TrainArgs, _check_count,
+from dsv3_lite.trainer import (History, Trainer, TrainArgs,
                                _check_rate, _cross_entropy, _device_of, evaluate)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,7 +80,7 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
             ("steps", steps, 1), ("batch_size", batch_size, 1),
             ("seq_len", seq_len, 1), ("eval_every", eval_every, 0),
             ("eval_batches", eval_batches, 1)):
-        _check_count(name, value, minimum)
+        check_int(name, value, minimum)
     _check_rate("lr", lr, positive=True)
     _check_rate("weight_decay", weight_decay, positive=False)
     _check_rate("grad_clip", grad_clip, positive=False,
@@ -88,7 +88,7 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
                     "into ascent)")
     if warmup is None:
         warmup = max(1, steps // 10)
-    _check_count("warmup", warmup, 0)
+    check_int("warmup", warmup, 0)
     if warmup > steps:
         raise ValueError(f"warmup ({warmup}) must be <= steps ({steps}), or lr "
                          "is never reached")

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from dsv3_lite.config import check_int
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import LossParts, Transformer
 from dsv3_lite.moe import max_violation
@@ -47,13 +48,6 @@ Precision = Literal["fp32", "bf16", "fp8"]
 
 
 # ----------------------------------------------------------------- shared helpers
-def _check_count(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} ({value}) must be >= {minimum}")
-
-
 def _check_rate(name: str, value: object, positive: bool, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -89,7 +83,7 @@ def evaluate(model: nn.Module, corpus: Corpus, split: str = "val",
     by_domain=True also returns the mean loss over the target tokens of each of
     `corpus.domains` (NaN for a domain with no token in the windows).
     """
-    _check_count("n_batches", n_batches, 1)
+    check_int("n_batches", n_batches, 1)
     generator = torch.Generator().manual_seed(seed)
     device = _device_of(model)
     was_training = model.training
@@ -273,7 +267,7 @@ class TrainArgs:
                               ("batch_size", 1), ("batch_size_start", 1),
                               ("warmup_steps", 0), ("eval_every", 0),
                               ("eval_batches", 1)):
-            _check_count(name, getattr(self, name), minimum)
+            check_int(name, getattr(self, name), minimum)
         _check_rate("lr", self.lr, positive=True)
         for name in ("lr_decayed", "lr_final", "weight_decay", "mtp_lambda",
                      "mtp_lambda_late"):
@@ -500,7 +494,7 @@ class Trainer:
         shows unless `progress=False` or the environment sets tqdm's
         TQDM_DISABLE."""
         until = self.args.steps if until is None else until
-        _check_count("until", until, self.step)
+        check_int("until", until, self.step)
         if until > self.args.steps:
             raise ValueError(f"until ({until}) must be <= steps ({self.args.steps})")
         progress = self.progress
