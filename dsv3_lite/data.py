@@ -262,6 +262,41 @@ def build_documents(docs_per_domain: int = 6000, seed: int = 0) -> list[Document
     return docs
 
 
+# how the corpus asks a question; its answers end "#### <number>"
+QUESTION = "Question: {text}\n"
+
+
+def held_out_questions(n: int, seed: int = 1,
+                       exclude: Sequence[Document] = ()) -> list[tuple[str, int]]:
+    """`n` distinct arithmetic questions of the corpus's four kinds with their
+    answers, drawn from `seed`, none asked in `exclude` (the training documents):
+    [("What is 35 * 9?", 315), ...]."""
+    if n <= 0:
+        raise ValueError(f"n ({n}) must be > 0")
+    asked = {d.text.split("\n", 1)[0] for d in exclude if d.domain == "arithmetic"}
+    rng, questions = random.Random(seed), {}
+    for _ in range(1000 * n):
+        if len(questions) == n:
+            break
+        doc = _arithmetic(rng)
+        first = doc.split("\n", 1)[0]
+        if first not in asked:
+            questions.setdefault(first.removeprefix("Question: "), final_answer(doc))
+    else:
+        raise ValueError(f"could not find {n} questions outside `exclude`")
+    return list(questions.items())
+
+
+def final_answer(text: str) -> int | None:
+    """The number after the last "#### " in `text` (how the corpus's answers
+    end), or None if there is none."""
+    _, mark, rest = text.rpartition("#### ")
+    number = rest.split("\n", 1)[0].strip()
+    if not mark or not number.lstrip("-").isdigit():
+        return None
+    return int(number)
+
+
 def read_documents(path: str | pathlib.Path) -> list[Document]:
     """The paragraphs of a local UTF-8 text file (separated by blank lines; a
     byte-order mark is skipped) as documents of the domain "text"."""

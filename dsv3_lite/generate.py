@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -41,7 +42,8 @@ class GenerationStats:
     batch's sequences."""
 
     batch_size: int
-    new_tokens: int                  # tokens generated per sequence
+    new_tokens: int                  # tokens generated per sequence (fewer than
+                                     # asked for once every one has stopped)
     main_forwards: int = 0           # main-model forward passes, the prefill included
     drafted: list[int] = field(default_factory=list)   # per depth k: drafts checked
                                                        # (depths < k all accepted)
@@ -52,7 +54,7 @@ class GenerationStats:
     accepted_per_step: list[torch.Tensor] = field(default_factory=list)
     # per verify step: (B, depth) drafted tokens
     drafts: list[torch.Tensor] = field(default_factory=list)
-    seconds: float = 0.0             # wall-clock time of the whole call
+    seconds: float = 0.0             # wall-clock time of the decoding steps
 
     @property
     def acceptance_by_depth(self) -> list[float]:
@@ -177,7 +179,8 @@ class _Drafter:
         self.fresh = [0] * (depth + 1)
 
     @torch.no_grad()
-    def draft(self, seq: torch.Tensor, n: int, depth: int, temperature: float,
+    def draft(self, seq: torch.Tensor, n: int, depth: int,
+              sampling: tuple[float, int | None, float | None],
               generator: torch.Generator | None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft seq[:, n : n + depth] (written in place) from the n committed tokens;
@@ -190,7 +193,8 @@ class _Drafter:
                                          seq[:, lo + k:n - 1 + k], start_pos=lo)
             if k < self.depth:
                 self.hidden[k][:, lo:n - 1] = h
-            logits = self.model.head(h[:, -1])
+            temperature = sampling[0]
+            logits = restrict(self.model.head(h[:, -1]), *sampling)
             seq[:, n + k - 1] = _pick(logits, temperature, generator)
             if temperature > 0:
                 probs.append(_probs(logits, temperature))
@@ -199,8 +203,9 @@ class _Drafter:
 
 
 def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
-                temperature: float, speculative: bool, draft_depth: int | None,
-                generator: torch.Generator | None) -> int:
+                temperature: float, top_k: int | None, top_p: float | None,
+                speculative: bool, draft_depth: int | None,
+                generator: torch.Generator | None, stop_token: int | None) -> int:
     model.check_tokens(tokens)
     device = model.embed.weight.device
     if generator is not None and generator.device.type != device.type:
@@ -217,6 +222,18 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
                          f"max_seq_len ({model.args.max_seq_len})")
     if not temperature >= 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k ({top_k!r}) must be an int >= 1, or None for all "
+                         "tokens")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p ({top_p!r}) must be in (0, 1], or None for all "
+                         "tokens")
+    if stop_token is not None and (
+            isinstance(stop_token, bool) or not isinstance(stop_token, int)
+            or not 0 <= stop_token < model.args.vocab_size):
+        raise ValueError(f"stop_token ({stop_token!r}) must be a token id in [0, "
+                         f"vocab_size ({model.args.vocab_size})), or None")
     if not speculative:
         if draft_depth is not None:
             raise ValueError(f"draft_depth ({draft_depth}) is only used with "
@@ -231,73 +248,169 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
     return depth
 
 
+def restrict(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+             top_p: float | None = None) -> torch.Tensor:
+    """`logits` (..., V) with the tokens that may not be sampled set to -inf. top-k
+    keeps the k most likely tokens (and any tied with the k-th); top-p then keeps
+    the fewest most likely of those whose probabilities at `temperature`, normalised
+    over them, sum to at least p. Greedy decoding (temperature 0) or None for both
+    leaves the logits as they are. Speculative sampling restricts the drafts' and
+    the main model's distributions alike, so it samples the restricted distribution
+    exactly."""
+    if temperature == 0 or (top_k is None and top_p is None):
+        return logits
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        probs, order = _probs(logits, temperature).sort(dim=-1, descending=True)
+        # drop a token when the more likely tokens already reach top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+class _Decoder:
+    """One decoding run, a main-model forward per `step`. Each step runs in
+    inference mode (no autograd bookkeeping at all: faster than no_grad for the
+    many small ops of a decode step), and only inside the step, so nothing leaks
+    into the caller's code between steps."""
+
+    def __init__(self, model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
+                 depth: int, sampling: tuple[float, int | None, float | None],
+                 generator: torch.Generator | None, stop_token: int | None):
+        self.model, self.depth, self.sampling = model, depth, sampling
+        self.generator, self.stop_token = generator, stop_token
+        batch, self.prompt_len = tokens.shape
+        self.total = self.prompt_len + max_new_tokens
+        self.n = 0  # tokens committed, the prompt included
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+        self.stats = GenerationStats(batch, 0, drafted=[0] * depth,
+                                     accepted=[0] * depth)
+        with torch.inference_mode():
+            self.seq = tokens.new_zeros(batch, self.total)
+            self.seq[:, :self.prompt_len] = tokens
+            self.drafter = (_Drafter(model, batch, self.total, depth)
+                            if depth else None)
+
+    @property
+    def done(self) -> bool:
+        return self.n == self.total or bool(self.finished.all())
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return _pick(restrict(logits, *self.sampling), self.sampling[0],
+                     self.generator)
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        """Run one main-model forward (the prefill first); return the tokens it
+        committed, (B, k) with k >= 1, a view of the sequences."""
+        start = time.perf_counter()
+        model, seq, first = self.model, self.seq, self.n
+        if first == 0:
+            h, _ = model.hidden_states(seq[:, :self.prompt_len], 0)
+            seq[:, self.prompt_len] = self._pick(
+                _finite(model.head(h[:, -1]), self.prompt_len))
+            if self.drafter:
+                self.drafter.hidden[0][:, :self.prompt_len] = h
+            first, self.n = self.prompt_len, self.prompt_len + 1
+        elif self.drafter is None:
+            n = self.n
+            seq[:, n] = self._pick(_finite(model(seq[:, n - 1:n], n - 1)[:, -1], n))
+            self.n += 1
+        else:
+            self.n = _speculative_step(model, self.drafter, seq, self.n,
+                                       min(self.depth, self.total - self.n - 1),
+                                       self.sampling, self.generator, self.stats)
+        self.stats.main_forwards += 1
+        new = seq[:, first:self.n]
+        if self.stop_token is not None:
+            # tokens after a sequence's stop token become stop tokens too
+            stopped = (new == self.stop_token).long().cumsum(1) > 0
+            after = torch.cat([self.finished[:, None], stopped[:, :-1]], dim=1)
+            new.masked_fill_(after | self.finished[:, None], self.stop_token)
+            self.finished |= stopped[:, -1]
+        self.stats.new_tokens = self.n - self.prompt_len
+        self.stats.seconds += time.perf_counter() - start
+        return new
+
+
+def stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, speculative: bool = False,
+           draft_depth: int | None = None, generator: torch.Generator | None = None,
+           stop_token: int | None = None
+           ) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
+    """Decode like `generate`, yielding as soon as each main-model forward is done:
+    (the tokens it committed (B, k), the statistics so far). The prefill commits one
+    token, a plain step one, a speculative step 1 + the drafts accepted.
+
+    The arguments are checked before the first token. The model holds its KV cache
+    and stays in eval mode until the stream is exhausted or closed (leaving a `for`
+    loop early closes it); one model decodes one stream at a time.
+    """
+    depth = _check_args(model, tokens, max_new_tokens, temperature, top_k, top_p,
+                        speculative, draft_depth, generator, stop_token)
+    return _stream(model, _Decoder(model, tokens, max_new_tokens, depth,
+                                   (temperature, top_k, top_p), generator,
+                                   stop_token))
+
+
+def _stream(model: Transformer, decoder: _Decoder
+            ) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        model.allocate_cache(decoder.stats.batch_size)
+    try:
+        while not decoder.done:
+            # cloned outside inference mode: an ordinary tensor, fit for autograd
+            yield decoder.step().clone(), decoder.stats
+    finally:
+        model.free_cache()
+        model.train(was_training)
+
+
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, speculative: bool = False,
-             draft_depth: int | None = None, generator: torch.Generator | None = None
-             ) -> tuple[torch.Tensor, GenerationStats]:
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, speculative: bool = False,
+             draft_depth: int | None = None, generator: torch.Generator | None = None,
+             stop_token: int | None = None) -> tuple[torch.Tensor, GenerationStats]:
     """Continue each prompt in `tokens` (B, P) by `max_new_tokens`
     tokens with the KV cache.
 
-    temperature 0 is greedy; > 0 samples from softmax(logits / temperature)
-    using `generator`. speculative=True drafts `draft_depth` tokens
-    (default: all MTP depths) per main-model forward. Logits that are not finite raise
-    a `FloatingPointError`. Returns the sequences (B, P + max_new_tokens), prompts
+    temperature 0 is greedy; > 0 samples from softmax(logits / temperature),
+    restricted to the `top_k` most likely tokens and to the nucleus of probability
+    `top_p` when given, using `generator`. speculative=True drafts `draft_depth`
+    tokens (default: all MTP depths) per main-model forward. With a `stop_token`,
+    decoding ends once every sequence has produced it, and a sequence's tokens
+    after it are `stop_token` too. Logits that are not finite raise a
+    `FloatingPointError`. Returns the sequences (B, P + new tokens), prompts
     included, and a `GenerationStats`.
     """
-    depth = _check_args(model, tokens, max_new_tokens, temperature, speculative,
-                        draft_depth, generator)
-    batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
-    stats = GenerationStats(batch, max_new_tokens, drafted=[0] * depth,
-                            accepted=[0] * depth)
-    # Inference mode: no autograd bookkeeping at all (faster than no_grad for the many
-    # small ops of a decode step). Its tensors cannot enter autograd later, so the
-    # sequences are cloned on the way out.
-    with torch.inference_mode():
-        seq = torch.zeros(batch, total, dtype=tokens.dtype, device=tokens.device)
-        seq[:, :prompt_len] = tokens
-        was_training = model.training
-        model.eval()
-        model.allocate_cache(batch)
-        start = time.perf_counter()
-        try:
-            h, _ = model.hidden_states(tokens, 0)  # prefill
-            stats.main_forwards += 1
-            seq[:, prompt_len] = _pick(_finite(model.head(h[:, -1]), prompt_len),
-                                       temperature, generator)
-            n = prompt_len + 1
-            if depth == 0:
-                for n in range(n, total):
-                    logits = _finite(model(seq[:, n - 1:n], n - 1)[:, -1], n)
-                    stats.main_forwards += 1
-                    seq[:, n] = _pick(logits, temperature, generator)
-            else:
-                drafter = _Drafter(model, batch, total, depth)
-                drafter.hidden[0][:, :prompt_len] = h
-                while n < total:
-                    n = _speculative_step(model, drafter, seq, n,
-                                          min(depth, total - n - 1), temperature,
-                                          generator, stats)
-        finally:
-            model.free_cache()
-            model.train(was_training)
-    stats.seconds = time.perf_counter() - start
-    return seq.clone(), stats
+    pieces, stats = [tokens], None
+    for new, stats in stream(model, tokens, max_new_tokens, temperature, top_k,
+                             top_p, speculative, draft_depth, generator,
+                             stop_token):
+        pieces.append(new)
+    return torch.cat(pieces, dim=1), stats
 
 
 def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
-                      n: int, depth: int, temperature: float,
+                      n: int, depth: int,
+                      sampling: tuple[float, int | None, float | None],
                       generator: torch.Generator | None,
                       stats: GenerationStats) -> int:
     """Draft `depth` tokens, verify them in one main-model forward, commit;
     return the new token count."""
-    drafts, draft_probs = drafter.draft(seq, n, depth, temperature, generator)
+    temperature = sampling[0]
+    drafts, draft_probs = drafter.draft(seq, n, depth, sampling, generator)
     # [last committed token, drafts]
     h, _ = model.hidden_states(seq[:, n - 1:n + depth], n - 1)
-    stats.main_forwards += 1
     drafter.hidden[0][:, n - 1:n + depth] = h
-    n_accepted, next_token = verify_drafts(_finite(model.head(h), n), drafts,
-                                           draft_probs, temperature, generator)
+    target = restrict(_finite(model.head(h), n), *sampling)
+    n_accepted, next_token = verify_drafts(target, drafts, draft_probs, temperature,
+                                           generator)
     if depth:
         stats.draft_positions.append(n)
         stats.accepted_per_step.append(n_accepted.clone())
@@ -364,5 +477,5 @@ def compare_decoding(model: Transformer, prompts: torch.Tensor, max_new_tokens: 
                            new / spec_s)
 
 
-__all__ = ["generate", "verify_drafts", "GenerationStats", "compare_decoding",
-           "SpeedComparison"]
+__all__ = ["generate", "stream", "restrict", "verify_drafts", "GenerationStats",
+           "compare_decoding", "SpeedComparison"]

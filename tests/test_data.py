@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from dsv3_lite.data import DOMAINS, ByteTokenizer, Corpus, Document, build_documents, fim_encode, fim_split
+from dsv3_lite.data import (DOMAINS, QUESTION, ByteTokenizer, Corpus, Document, build_documents, final_answer,
+                            fim_encode, fim_split, held_out_questions)
 
 # sha256 of the default train split: any change to the generator (or to Python's `random`) changes it, and
 # with it every chapter's numbers.
@@ -215,3 +216,34 @@ def test_packed_sequences_cover_the_stream_with_separators(corpus):
         corpus.packed("train", 0)
     with pytest.raises(ValueError, match="must be <"):
         Corpus([Document("text", "ab")] * 10).packed("val", 64)
+
+
+# ------------------------------------------------------------------------------------- held-out questions
+def test_held_out_questions_are_new_distinct_and_answered_correctly():
+    docs = build_documents(300)
+    questions = held_out_questions(60, seed=1, exclude=docs)
+    asked = {d.text.split("\n", 1)[0] for d in docs if d.domain == "arithmetic"}
+    assert len(questions) == len({q for q, _ in questions}) == 60
+    assert not {QUESTION.format(text=q).rstrip("\n") for q, _ in questions} & asked
+    kinds = {"+": 0, "-": 0, "*": 0, "has": 0}
+    for question, answer in questions:
+        if question.startswith("What is "):
+            x, op, y = question.removeprefix("What is ").rstrip("?").split()
+            kinds[op] += 1
+            assert answer == {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op]
+        else:  # "<name> has x <things>, finds y more and gives away z. ..."
+            words = question.split()
+            x, y, z = int(words[2]), int(words[5]), int(words[10].rstrip("."))
+            kinds["has"] += 1
+            assert answer == x + y - z
+    assert all(kinds.values())  # all four kinds of the corpus
+    assert held_out_questions(60, seed=1, exclude=docs) == questions  # deterministic
+    with pytest.raises(ValueError, match=r"n \(0\) must be > 0"):
+        held_out_questions(0)
+
+
+def test_final_answer_reads_the_number_after_the_last_mark():
+    assert final_answer("Work: 3 + 4 = 7.\nAnswer: 3 + 4 = 7\n#### 7") == 7
+    assert final_answer("#### 1\n#### -12\nmore text") == -12
+    for text in ("Answer: 7", "#### ", "#### seven", "####7"):
+        assert final_answer(text) is None

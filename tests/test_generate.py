@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.generate import compare_decoding, generate, verify_drafts
+from dsv3_lite.generate import compare_decoding, generate, restrict, stream, verify_drafts
 from dsv3_lite.model import Transformer
 
 V = 64
@@ -162,25 +162,60 @@ def test_verify_drafts_preserves_the_target_distribution():
     assert stat_q > 10 * chi2_critical(dof_q)
 
 
-def test_sampled_speculative_decoding_preserves_the_main_models_distribution():
-    """End to end on a 4-token vocabulary: the joint law of 4 generated tokens equals the main model's."""
+def restricted_by_hand(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The distribution top-k then top-p sampling draws from, one row at a time with Python lists."""
+    out = []
+    for row in torch.softmax(logits.double(), -1).reshape(-1, logits.shape[-1]).tolist():
+        order = sorted(range(len(row)), key=lambda i: -row[i])[:top_k or len(row)]
+        total = sum(row[i] for i in order)
+        kept, mass = [], 0.0
+        for i in order:
+            if top_p is not None and mass >= top_p:
+                break
+            kept.append(i)
+            mass += row[i] / total
+        keep = sum(row[i] for i in kept)
+        out.append([row[i] / keep if i in kept else 0.0 for i in range(len(row))])
+    return torch.tensor(out, dtype=torch.float64).reshape(logits.shape)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (3, None), (None, 0.7), (3, 0.8)])
+def test_sampled_speculative_decoding_preserves_the_main_models_distribution(top_k, top_p):
+    """End to end on a 4-token vocabulary: the joint law of 4 generated tokens equals the main model's,
+    restricted by top-k / top-p where asked."""
     vocab, batch, new = 4, 4000, 4
     args = ModelArgs.tiny(vocab_size=vocab, mtp_depth=2, max_seq_len=8, original_seq_len=8, max_batch_size=batch,
                           init_std=0.3)
     torch.manual_seed(0)
     model = Transformer(args).eval()
     prompt = torch.zeros(batch, 1, dtype=torch.long)
-    out, stats = generate(model, prompt, new, temperature=1.0, speculative=True,
+    out, stats = generate(model, prompt, new, temperature=1.0, top_k=top_k, top_p=top_p, speculative=True,
                           generator=torch.Generator().manual_seed(0))
     assert 0.05 < stats.acceptance_rate < 0.95
     cells = torch.tensor(list(itertools.product(range(vocab), repeat=new)))
     with torch.no_grad():
         seqs = torch.cat([torch.zeros(len(cells), 1, dtype=torch.long), cells], dim=1)
-        logp = torch.log_softmax(model(seqs[:, :-1]).float(), dim=-1)
-        exact = logp.gather(-1, cells[..., None]).squeeze(-1).sum(-1).exp()
+        probs = restricted_by_hand(model(seqs[:, :-1]), top_k, top_p)
+        exact = probs.gather(-1, cells[..., None]).squeeze(-1).prod(-1)
     index = (out[:, 1:] * vocab ** torch.arange(new - 1, -1, -1)).sum(-1)
-    stat, dof = chi2(torch.bincount(index, minlength=len(cells)).float(), exact)
+    counts = torch.bincount(index, minlength=len(cells)).float()
+    assert counts[exact == 0].sum() == 0  # nothing outside the restriction is ever sampled
+    stat, dof = chi2(counts, exact.float())
     assert stat < chi2_critical(dof)
+    if top_k or top_p:  # the test has power: the unrestricted law is rejected
+        stat_full, dof_full = chi2(counts, restricted_by_hand(model(seqs[:, :-1]).detach(), None, None)
+                                   .gather(-1, cells[..., None]).squeeze(-1).prod(-1).float())
+        assert counts[exact == 0].sum() == 0 and stat_full > chi2_critical(dof_full)
+
+
+def test_restrict_matches_a_sort_by_hand():
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1))
+    for top_k, top_p, temperature in [(1, None, 1.0), (4, None, 0.7), (None, 0.5, 1.0), (None, 0.9, 2.0),
+                                      (6, 0.6, 1.3), (11, 1.0, 1.0), (20, None, 1.0)]:
+        got = torch.softmax(restrict(logits, temperature, top_k, top_p) / temperature, -1)
+        torch.testing.assert_close(got.double(), restricted_by_hand(logits / temperature, top_k, top_p))
+    assert restrict(logits, 0.0, 1, 0.1) is logits  # greedy: argmax is always kept
+    assert restrict(logits, 1.0) is logits
 
 
 def test_sampling_is_reproducible_with_a_generator(model):
@@ -223,6 +258,10 @@ def test_bad_arguments_raise_clear_errors(model):
         generate(model, tokens, 4, draft_depth=1)
     with pytest.raises(ValueError, match=r"draft_depth \(1.5\)"):
         generate(model, tokens, 4, speculative=True, draft_depth=1.5)
+    for bad in ({"top_k": 0}, {"top_k": 2.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"stop_token": V}, {"stop_token": -1}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=rf"{name} \({bad[name]!r}\) must be"):
+            generate(model, tokens, 4, **bad)
     with pytest.raises(ValueError, match=r"tokens are on meta but the model is on cpu"):
         generate(model, tokens.to("meta"), 4)
     torch.manual_seed(0)
@@ -287,3 +326,57 @@ def test_generated_tokens_can_feed_training(model):
         model.zero_grad(set_to_none=True)
         model.eval()
     assert stats.main_forwards > 1
+
+
+# ------------------------------------------------------------------------------------- streaming, stopping
+@pytest.mark.parametrize("speculative", [False, True])
+def test_stream_yields_what_generate_returns_one_forward_at_a_time(model, speculative):
+    tokens = prompts(2, 5, seed=4)
+    full, stats = generate(model, tokens, 30, speculative=speculative)
+    pieces, forwards = [], []
+    for new, running in stream(model, tokens, 30, speculative=speculative):
+        assert not torch.is_inference_mode_enabled() and not new.is_inference()  # nothing leaks between steps
+        pieces.append(new)
+        forwards.append(running.main_forwards)
+    assert torch.equal(torch.cat([tokens, *pieces], 1), full)
+    assert forwards == list(range(1, stats.main_forwards + 1))  # one piece per main-model forward
+    widths = [p.shape[1] for p in pieces]
+    if speculative:  # after the prefill's token: 1 + the batch's shortest accepted prefix
+        assert widths == [1] + [1 + int(a.min()) for a in stats.accepted_per_step]
+    else:
+        assert widths == [1] * 30
+
+
+def test_a_stream_left_early_frees_the_cache_and_restores_the_mode(model):
+    model.train()
+    try:
+        for i, _ in enumerate(stream(model, prompts(1, 3), 20, speculative=True)):
+            assert not model.training
+            if i == 2:
+                break
+        assert model.training
+        assert not any(n.startswith("cache_") for n, _ in model.named_buffers())
+    finally:
+        model.eval()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        stream(model, prompts(1, 3), 0)  # checked at the call, before any token
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("every_row_stops", [False, True])
+def test_decoding_stops_once_every_sequence_has_its_stop_token(model, speculative, every_row_stops):
+    tokens = prompts(3, 4, seed=7)
+    full, _ = generate(model, tokens, 40)
+    new = [row[4:].tolist() for row in full]
+    if every_row_stops:  # the token all rows produce whose last first occurrence comes soonest
+        stop = min(set.intersection(*map(set, new)), key=lambda t: max(r.index(t) for r in new))
+    else:
+        stop = new[1][6]
+    assert every_row_stops == all(stop in r for r in new)
+    ends = [4 + r.index(stop) + 1 if stop in r else 44 for r in new]  # past the stop token
+    out, stats = generate(model, tokens, 40, speculative=speculative, stop_token=stop)
+    assert out.shape[1] == max(ends) == 4 + stats.new_tokens
+    assert (max(ends) < 44) == every_row_stops  # decoding ends at the last row's stop token
+    for row, full_row, end in zip(out, full, ends):
+        assert torch.equal(row[:end], full_row[:end])  # the same tokens up to the stop token
+        assert (row[end:] == stop).all()                # then only stop tokens

@@ -24,6 +24,8 @@ LAYERS = [
     {"trainer"},
     {"checkpoint"},
     {"generate", "hf", "pipeline", "timing", "train"},
+    {"client"},
+    {"chat"},
     {"nbtools"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,110 @@
+"""Chat with a trained checkpoint in the terminal.
+
+    python -m dsv3_lite.chat --checkpoint runs/tiny
+    python -m dsv3_lite.chat --checkpoint runs/tiny --speculative   # MTP drafts
+
+Reads a question per line, prints the answer as it is decoded, and loops until
+`q` (or the end of the input). With --speculative, the MTP modules draft tokens
+that one main-model forward checks; each answer is followed by the number of
+drafts accepted at every step. Questions read from a pipe are echoed, so a
+scripted session reads like a typed one:
+
+    printf 'What is 35 * 9?\\nq\\n' | python -m dsv3_lite.chat --checkpoint runs/tiny
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from dsv3_lite.checkpoint import FILES
+from dsv3_lite.client import Client
+
+TRAIN_COMMAND = "python -m dsv3_lite.train --preset tiny --out runs/tiny"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsv3_lite.chat",
+        description="Ask a trained dsv3_lite checkpoint questions; q or end of "
+                    "input quits.")
+    parser.add_argument("--checkpoint", type=pathlib.Path,
+                        help="checkpoint folder (from python -m dsv3_lite.train)")
+    parser.add_argument("--speculative", action="store_true",
+                        help="draft with the MTP modules and show the drafts "
+                             "accepted per step")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) answers greedily")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, help="for sampling (temperature > 0)")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the text as typed instead of asking it as a "
+                             "question")
+    return parser
+
+
+def _missing(checkpoint: pathlib.Path | None) -> str | None:
+    """Why `checkpoint` cannot be used, with how to make one; None if it can."""
+    how = (f"Train one (about 10 minutes on a laptop CPU):\n  {TRAIN_COMMAND}\n"
+           "then run: python -m dsv3_lite.chat --checkpoint runs/tiny")
+    if checkpoint is None:
+        return f"no --checkpoint given. {how}"
+    absent = [f for f in FILES[:3] if not (checkpoint / f).is_file()]
+    if absent:
+        return (f"{checkpoint} is not a dsv3_lite checkpoint ({', '.join(absent)} "
+                f"missing). {how}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = _parser().parse_args(argv)
+    problem = _missing(opts.checkpoint)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    client = Client(opts.checkpoint, prompt="{text}" if opts.raw else None)
+    options = dict(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                   top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed,
+                   speculative=opts.speculative)
+    try:  # check the options once, before the first question
+        client.stream("check", **options)
+    except (TypeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    typed = sys.stdin.isatty()
+    if typed:
+        print(f"{opts.checkpoint}: ask a question; q quits.")
+    while True:
+        print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            print()
+            return 0
+        question = line.strip()
+        if not typed:
+            print(question)
+        if question == "q":
+            return 0
+        if not question:
+            continue
+        answer = client.stream(question, **options)
+        for piece in answer:
+            print(piece, end="", flush=True)
+        print()
+        if opts.speculative:
+            print(_drafts(answer.result["stats"]))
+
+
+def _drafts(stats: dict) -> str:
+    """One line on what the MTP drafts did for an answer."""
+    steps = stats["accepted_per_step"]
+    return (f"[{stats['generated_tokens']} tokens in {stats['main_forwards']} "
+            "forwards; drafts accepted per step: "
+            f"{' '.join(map(str, steps)) or '-'}; acceptance "
+            f"{stats['acceptance_rate']:.0%}]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

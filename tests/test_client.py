@@ -1,0 +1,186 @@
+"""The client (dsv3_lite.client) and the terminal chat (dsv3_lite.chat), on a small random checkpoint."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3_lite.checkpoint import save_checkpoint
+from dsv3_lite.client import Client
+from dsv3_lite.config import ModelArgs
+from dsv3_lite.data import QUESTION, build_documents
+from dsv3_lite.generate import generate
+from dsv3_lite.model import Transformer
+from dsv3_lite.tokenizer import BPETokenizer
+
+QUESTIONS = ["What is 35 * 9?", "What is 1234 + 56?", "What is 7 * 8?", "Ada has 3 coins, finds 4 more and gives away 1."
+             " How many coins does Ada have now?", "What is 12 * 3?", "你好，今天去哪里？"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> BPETokenizer:
+    return BPETokenizer.train([d.text for d in build_documents(40)], 400)
+
+
+def write_checkpoint(path, tokenizer, data, seed=0):
+    args = ModelArgs.tiny(vocab_size=tokenizer.vocab_size, mtp_depth=2, max_batch_size=4)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():  # a random model whose MTP drafts are sometimes right (see test_generate)
+        model.embed.weight.mul_(3.0)
+        for module in model.mtp:
+            mix = 0.5 * torch.randn(args.dim, args.dim) / args.dim ** 0.5
+            module.eh_proj.weight.copy_(torch.cat([torch.eye(args.dim), mix], dim=1))
+    save_checkpoint(path, model, tokenizer, data=data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), tokenizer, {"text": None, "docs_per_domain": 40})
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint) -> Client:
+    return Client(checkpoint)
+
+
+def without_timing(result):
+    return {**result, "stats": {k: v for k, v in result["stats"].items() if k not in ("seconds", "tokens_per_second")}}
+
+
+def test_generate_decodes_what_the_model_generates_from_the_corpus_question(client, tokenizer):
+    result = client.generate(text="What is 35 * 9?", max_new_tokens=30)
+    prompt = tokenizer.encode(QUESTION.format(text="What is 35 * 9?"))
+    out, _ = generate(client.model, torch.tensor([prompt]), 30)
+    assert result["generated_text"] == tokenizer.decode(out[0, len(prompt):])
+    stats = result["stats"]
+    assert stats["prompt_tokens"] == len(prompt) and stats["generated_tokens"] == 30
+    assert stats["finish_reason"] == "length" and stats["main_forwards"] == 30
+    assert stats["acceptance_rate"] is None and stats["seed"] is None
+    assert stats["seconds"] > 0 and stats["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("text", QUESTIONS)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_stream_yields_pieces_that_add_up_to_generate(client, text, speculative):
+    expected = client.generate(text=text, max_new_tokens=40, speculative=speculative)
+    stream = client.stream(text=text, max_new_tokens=40, speculative=speculative)
+    assert stream.result is None
+    pieces = list(stream)
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == expected["generated_text"]
+    assert without_timing(stream.result) == without_timing(expected)
+
+
+def test_speculative_greedy_answers_are_the_same_in_fewer_forwards(client):
+    plain = client.generate(text=QUESTIONS, max_new_tokens=40)
+    fast = client.generate(text=QUESTIONS, max_new_tokens=40, speculative=True)
+    assert [r["generated_text"] for r in fast] == [r["generated_text"] for r in plain]
+    stats = [r["stats"] for r in fast]
+    assert all(0 < s["acceptance_rate"] < 1 and s["main_forwards"] < 40 for s in stats)
+    # every forward gives one token of its own, plus the drafts it accepted
+    assert all(s["main_forwards"] + sum(s["accepted_per_step"]) == 40 for s in stats)
+
+
+def test_a_list_of_texts_gives_each_texts_own_answer_in_order(client):
+    texts = QUESTIONS + QUESTIONS[:3]  # some share a length in tokens, so they share a batch
+    batched = client.generate(text=texts, max_new_tokens=25)
+    single = [client.generate(text=t, max_new_tokens=25) for t in texts]
+    assert [r["generated_text"] for r in batched] == [r["generated_text"] for r in single]
+    assert batched[0]["stats"]["main_forwards"] == 25
+
+
+def test_sampling_is_reproducible_from_the_reported_seed(client):
+    first = client.generate(text="What is 7 * 8?", max_new_tokens=30, temperature=1.0, top_k=20)
+    seed = first["stats"]["seed"]
+    assert isinstance(seed, int)
+    again = client.generate(text="What is 7 * 8?", max_new_tokens=30, temperature=1.0, top_k=20, seed=seed)
+    assert again["generated_text"] == first["generated_text"]
+    for speculative in (False, True):
+        runs = [client.generate(text="What is 7 * 8?", max_new_tokens=30, temperature=0.9, top_p=0.9, seed=3,
+                                speculative=speculative)["generated_text"] for _ in range(2)]
+        assert runs[0] == runs[1]
+    greedy = client.generate(text="What is 7 * 8?", max_new_tokens=30)["generated_text"]
+    assert greedy != first["generated_text"]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_decoding_ends_at_the_end_of_text_token(checkpoint, client, tokenizer, speculative):
+    """A random model rarely says end-of-text, so a token it generates seventh or later stands in for it."""
+    prompt = tokenizer.encode(QUESTION.format(text="What is 7 * 8?"))
+    ids = generate(client.model, torch.tensor([prompt]), 30)[0][0, len(prompt):].tolist()
+    at = next(i for i in range(6, 30) if ids[i] not in ids[:i])
+    stopping = Client(checkpoint)
+    stopping.tokenizer.eot_id = ids[at]
+    stopped = stopping.generate(text="What is 7 * 8?", max_new_tokens=30, speculative=speculative)
+    assert stopped["generated_text"] == tokenizer.decode(ids[:at])  # the stop token is not part of the text
+    assert stopped["stats"]["finish_reason"] == "stop" and stopped["stats"]["generated_tokens"] == at
+    stream = stopping.stream(text="What is 7 * 8?", max_new_tokens=30, speculative=speculative)
+    assert "".join(stream) == stopped["generated_text"] and stream.result["stats"]["finish_reason"] == "stop"
+    running = stopping.generate(text="What is 7 * 8?", max_new_tokens=30, stop=False)
+    assert running["generated_text"] == tokenizer.decode(ids) and running["stats"]["finish_reason"] == "length"
+
+
+def test_the_prompt_follows_the_checkpoints_corpus(tmp_path, tokenizer, checkpoint):
+    assert Client(checkpoint).prompt == QUESTION
+    own_text = write_checkpoint(tmp_path, tokenizer, {"text": "/data/my.txt", "docs_per_domain": 6000})
+    assert Client(own_text).prompt == "{text}"
+    assert Client(checkpoint, prompt="Q: {text}\nA:").prompt == "Q: {text}\nA:"
+    with pytest.raises(ValueError, match=r"prompt \('Q: '\) must contain \{text\}"):
+        Client(checkpoint, prompt="Q: ")
+
+
+def test_bad_requests_raise_clear_errors(client, tmp_path):
+    with pytest.raises(ValueError, match="text is empty"):
+        client.generate(text="  ")
+    with pytest.raises(TypeError, match="text must be str, got int"):
+        client.generate(text=[3])
+    with pytest.raises(TypeError, match="text must be str, got list"):
+        client.stream(text=["a"])
+    with pytest.raises(ValueError, match=r"seed \(-1\) must be an int >= 0"):
+        client.generate(text="a", temperature=1.0, seed=-1)
+    with pytest.raises(ValueError, match=r"top_p \(2\) must be in \(0, 1\]"):
+        client.generate(text="a", temperature=1.0, top_p=2)
+    with pytest.raises(ValueError, match=r"max_seq_len \(256\)"):
+        client.generate(text="a", max_new_tokens=1000)
+    with pytest.raises(FileNotFoundError, match="is not a dsv3_lite checkpoint"):
+        Client(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the chat loop
+def chat(*args, stdin=""):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "dsv3_lite.chat", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_chat_answers_each_question_until_q(checkpoint, client):
+    done = chat("--checkpoint", checkpoint, "--max-new-tokens", 12, stdin="What is 35 * 9?\n\nWhat is 7 * 8?\nq\nnever asked\n")
+    assert done.returncode == 0, done.stderr
+    answers = [client.generate(text=q, max_new_tokens=12)["generated_text"] for q in ("What is 35 * 9?", "What is 7 * 8?")]
+    assert done.stdout == (f"> What is 35 * 9?\n{answers[0]}\n> \n> What is 7 * 8?\n{answers[1]}\n> q\n")
+
+
+def test_chat_shows_the_accepted_drafts_and_ends_at_end_of_input(checkpoint, client):
+    done = chat("--checkpoint", checkpoint, "--speculative", "--max-new-tokens", 20, stdin="What is 7 * 8?\n")
+    assert done.returncode == 0, done.stderr
+    stats = client.generate(text="What is 7 * 8?", max_new_tokens=20, speculative=True)["stats"]
+    steps = " ".join(map(str, stats["accepted_per_step"]))
+    assert f"[20 tokens in {stats['main_forwards']} forwards; drafts accepted per step: {steps}; acceptance " in done.stdout
+    assert done.stdout.endswith("]\n> \n")
+
+
+@pytest.mark.parametrize("given", [None, "empty folder"])
+def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
+    done = chat(*([] if given is None else ["--checkpoint", tmp_path]), stdin="What is 2 + 2?\n")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "python -m dsv3_lite.train --preset tiny --out runs/tiny" in done.stderr
+    if given:
+        assert "is not a dsv3_lite checkpoint (model.safetensors, config.json, tokenizer.json missing)" in done.stderr
+
+
+def test_chat_rejects_bad_options_before_the_first_question(checkpoint):
+    done = chat("--checkpoint", checkpoint, "--temperature", 1, "--top-k", 0, stdin="What is 2 + 2?\n")
+    assert done.returncode == 2 and "top_k (0) must be an int >= 1" in done.stderr
