@@ -8,6 +8,9 @@
     trainer_state.pt    optimizer moments, step, data position, RNG states and
                         history (`Trainer.state_dict`)
 
+`export` copies a checkpoint without its trainer state (the optimizer's two moments
+take twice the weights' size): what inference needs, and what the book ships.
+
 Each file is written under a temporary name and then renamed, so no file is ever
 left half written; the files are replaced one after another, so a save interrupted
 between two of them leaves files of two different steps (save again before resuming).
@@ -22,6 +25,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 from typing import Any, NamedTuple
 
 import torch
@@ -40,7 +44,7 @@ FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt
 class Checkpoint(NamedTuple):
     """A loaded checkpoint: the model (in training mode), its tokenizer, the run's
     TrainArgs, the trainer state for `Trainer.load_state_dict` (None if saved
-    without a trainer) and the data options given at saving."""
+    without a trainer, or `export`ed) and the data options given at saving."""
 
     model: Transformer
     tokenizer: BPETokenizer
@@ -84,7 +88,7 @@ def save_checkpoint(directory: str | pathlib.Path, model: Transformer,
                                 for k, v in state.items()}, str(p)))
     config = {"model": dataclasses.asdict(model.args),
               "train": dataclasses.asdict(trainer.args) if trainer else None,
-              "data": data or {}}
+              "data": data or {}, "trainer_state": trainer is not None}
     _write(directory / "config.json",
            lambda p: p.write_text(json.dumps(config, indent=2) + "\n",
                                   encoding="utf-8"))
@@ -128,9 +132,10 @@ def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        return {"model": ModelArgs(**config["model"]),
-                "train": TrainArgs(**config["train"]) if config["train"] else None,
-                "data": config["data"]}
+        train = TrainArgs(**config["train"]) if config["train"] else None
+        return {"model": ModelArgs(**config["model"]), "train": train,
+                "data": config["data"],
+                "trainer_state": config.get("trainer_state", train is not None)}
     except json.JSONDecodeError as err:
         raise ValueError(f"{directory / 'config.json'} is truncated or not JSON "
                          f"({err})") from None
@@ -157,7 +162,7 @@ def load_checkpoint(directory: str | pathlib.Path,
     load_weights(model, directory / "model.safetensors")
     tokenizer = BPETokenizer.load(directory / "tokenizer.json")
     state = None
-    if config["train"] is not None:
+    if config["trainer_state"]:
         path = directory / "trainer_state.pt"
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,5 +175,27 @@ def load_checkpoint(directory: str | pathlib.Path,
                       config["data"])
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "Checkpoint",
-           "FILES"]
+def export(source: str | pathlib.Path, target: str | pathlib.Path) -> pathlib.Path:
+    """Copy the checkpoint in `source` into `target` (created if needed) without
+    its trainer state: every other file as it is, and a config.json that still
+    records the run's TrainArgs. `load_checkpoint` reads the copy with
+    trainer_state None. Returns `target`."""
+    source, target = pathlib.Path(source), pathlib.Path(target)
+    load_checkpoint(source)  # the whole checkpoint is sound
+    if target.resolve() == source.resolve():
+        raise ValueError(f"target ({target}) must differ from source ({source})")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in ("trainer_state.pt", "config.json"):
+            _write(target / path.name, lambda p: shutil.copyfile(path, p))
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["trainer_state"] = False
+    _write(target / "config.json",
+           lambda p: p.write_text(json.dumps(config, indent=2) + "\n",
+                                  encoding="utf-8"))
+    (target / "trainer_state.pt").unlink(missing_ok=True)
+    return target
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "export",
+           "Checkpoint", "FILES"]

@@ -12,6 +12,7 @@ book's corpus, a byte-level BPE tokenizer learned from it, and saves checkpoints
 
     python -m dsv3_lite.train --preset tiny --steps 2000 --seed 0 --out runs/tiny
     python -m dsv3_lite.train --out runs/tiny --resume         # continue a run
+    python -m dsv3_lite.train ... --export checkpoints/tiny    # + an inference copy
     torchrun --nproc_per_node 2 -m dsv3_lite.train --out runs/ddp ...  # DDP
 
 Every ModelArgs and TrainArgs field is an option (--dim 96, --lr 1e-3, ...);
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3_lite.checkpoint import FILES, load_checkpoint, save_checkpoint
+from dsv3_lite.checkpoint import FILES, export, load_checkpoint, save_checkpoint
 from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.data import Corpus, Document, build_documents, read_documents
 from dsv3_lite.model import Transformer
@@ -203,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
                              "instead of the book's corpus")
     parser.add_argument("--docs-per-domain", type=int, default=argparse.SUPPRESS,
                         help="size of the book's corpus (default 6000)")
+    parser.add_argument("--export", type=pathlib.Path,
+                        help="at the end, also copy the checkpoint without its "
+                             "trainer state here (what inference needs)")
     parser.add_argument("--save-every", type=int, default=0,
                         help="steps between checkpoints (default: at the end only)")
     parser.add_argument("--stop-at", type=int,
@@ -269,8 +273,9 @@ def _setup(opts: argparse.Namespace, device: torch.device):
     data_given = {k: given[k] for k in DATA_DEFAULTS if k in given}
     if opts.resume:
         saved = load_checkpoint(opts.out, device)
-        if saved.train_args is None:
-            raise ValueError(f"{opts.out} holds no trainer state to resume")
+        if saved.trainer_state is None:
+            raise ValueError(f"{opts.out} holds no trainer state to resume (a "
+                             "copy made for inference?)")
         _check_unchanged(dataclasses.asdict(saved.model.args), model_given)
         _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
         _check_unchanged(saved.data, data_given)
@@ -388,6 +393,9 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
         say(f"balance biases identical on all {world_size} processes: {agree}")
     say(f"checkpoint at step {trainer.step}: {opts.out} ({', '.join(FILES)}, "
         "history.json)")
+    if opts.export and rank == 0 and trainer.step == train_args.steps:
+        export(opts.out, opts.export)
+        say(f"for inference, without the trainer state: {opts.export}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dsv3_lite import ModelArgs
-from dsv3_lite.checkpoint import FILES, load_checkpoint, load_weights, save_checkpoint
+from dsv3_lite.checkpoint import FILES, export, load_checkpoint, load_weights, save_checkpoint
 from dsv3_lite.data import Corpus, build_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
@@ -71,6 +71,26 @@ def test_a_model_without_trainer(tok, tmp_path):
     save_checkpoint(tmp_path, model, tok)
     loaded = load_checkpoint(tmp_path)
     assert loaded.train_args is None and loaded.trainer_state is None
+
+
+def test_an_export_keeps_everything_but_the_trainer_state(saved, tmp_path):
+    source = copy_checkpoint(saved, tmp_path)
+    (source / "history.json").write_text("{}")  # any other file of the run travels too
+    target = export(source, tmp_path / "copy")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "history.json", "model.safetensors",
+                                                        "tokenizer.json"]
+    loaded, original = load_checkpoint(target), load_checkpoint(saved[0])
+    assert loaded.trainer_state is None and loaded.train_args == original.train_args
+    assert loaded.data == original.data
+    for (name, a), b in zip(loaded.model.state_dict().items(), original.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    (target / "trainer_state.pt").write_bytes(b"stale")  # a second export over the first removes it
+    export(source, target)
+    assert not (target / "trainer_state.pt").exists()
+    with pytest.raises(ValueError, match="must differ from source"):
+        export(source, source)
+    with pytest.raises(FileNotFoundError, match="is not a dsv3_lite checkpoint"):
+        export(tmp_path / "nothing", tmp_path / "copy2")
 
 
 def copy_checkpoint(saved, tmp_path):
