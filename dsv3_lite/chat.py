@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _drafts(stats: dict) -> str:
     """One line on what the MTP drafts did for an answer."""
-    steps = stats["accepted_per_step"]
+    steps, rate = stats["accepted_per_step"], stats["acceptance_rate"]
     return (f"[{stats['generated_tokens']} tokens in {stats['main_forwards']} "
             "forwards; drafts accepted per step: "
             f"{' '.join(map(str, steps)) or '-'}; acceptance "
-            f"{stats['acceptance_rate']:.0%}]")
+            f"{'-' if rate is None else f'{rate:.0%}'}]")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from tokenizers.decoders import DecodeStream
 
 from dsv3_lite.checkpoint import load_checkpoint
 from dsv3_lite.data import QUESTION
-from dsv3_lite.generate import GenerationStats, generate, stream
+from dsv3_lite.generate import GenerationStats, stream
 
 
 class Client:
@@ -128,12 +128,15 @@ class Client:
     def _generate(self, texts: list[str], options: dict[str, Any]
                   ) -> list[dict[str, Any]]:
         tokens = torch.tensor([self._encode(t) for t in texts], device=self._device)
-        out, stats = generate(self.model, tokens, **_decode_args(options))
+        pieces, stats = [], None
+        for new, stats in stream(self.model, tokens, **_decode_args(options)):
+            pieces.append(new)
+        advanced = [piece.shape[1] - 1 for piece in pieces[1:]]
         results = []
-        for row in out[:, tokens.shape[1]:].tolist():
+        for i, row in enumerate(torch.cat(pieces, dim=1).tolist()):
             ids, stopped = _until_stop(row, options["stop_token"])
             results.append(_result(self.tokenizer.decode(ids), len(ids), stopped,
-                                   tokens.shape[1], stats, options))
+                                   tokens.shape[1], stats, i, advanced, options))
         return results
 
 
@@ -152,8 +155,10 @@ class TextStream:
         # DecodeStream holds back bytes that do not yet make a whole UTF-8
         # character (a Chinese character can span two tokens)
         decoder = DecodeStream(skip_special_tokens=False)
-        text, count, stopped, stats = "", 0, False, None
+        text, count, stopped, stats, advanced = "", 0, False, None, []
         for new, stats in self._steps:
+            if stats.main_forwards > 1:  # after the prefill: 1 + the drafts accepted
+                advanced.append(new.shape[1] - 1)
             ids, stopped = _until_stop(new[0].tolist(), self._options["stop_token"])
             count += len(ids)
             piece = "".join(decoder.step(self._tokenizer.tokenizer, token) or ""
@@ -162,7 +167,7 @@ class TextStream:
             if piece:
                 yield piece
         self.result = _result(text, count, stopped, self._prompt_tokens, stats,
-                              self._options)
+                              0, advanced, self._options)
 
 
 def _decode_args(options: dict[str, Any]) -> dict[str, Any]:
@@ -178,10 +183,18 @@ def _until_stop(ids: list[int], stop_token: int | None) -> tuple[list[int], bool
 
 
 def _result(text: str, generated_tokens: int, stopped: bool, prompt_tokens: int,
-            stats: GenerationStats, options: dict[str, Any]) -> dict[str, Any]:
-    """The client's answer for one sequence. The forward counts and timing are
-    those of the batch it was decoded in."""
+            stats: GenerationStats, row: int, advanced: list[int],
+            options: dict[str, Any]) -> dict[str, Any]:
+    """The client's answer for sequence `row` of a batch. The drafts checked and
+    accepted per depth are the sequence's own; the forwards, the drafts accepted
+    per forward after the prefill (`advanced`) and the timing are the batch's."""
     speculative = options["speculative"]
+    drafted, accepted = [0] * len(stats.drafted), [0] * len(stats.drafted)
+    for step, drafts in zip(stats.accepted_per_step, stats.drafts):
+        kept = int(step[row])  # -1 once the sequence has stopped
+        for k in range(drafts.shape[1]):
+            drafted[k] += kept >= k
+            accepted[k] += kept >= k + 1
     return {
         "generated_text": text,
         "stats": {
@@ -190,9 +203,11 @@ def _result(text: str, generated_tokens: int, stopped: bool, prompt_tokens: int,
             "generated_tokens": generated_tokens,  # the stop token not counted
             "main_forwards": stats.main_forwards,
             "tokens_per_forward": stats.tokens_per_forward,
-            "acceptance_rate": stats.acceptance_rate if speculative else None,
-            "accepted_per_step": ([int(a.min()) for a in stats.accepted_per_step]
-                                  if speculative else None),
+            "drafted": drafted if speculative else None,
+            "accepted": accepted if speculative else None,
+            "acceptance_rate": (accepted[0] / drafted[0] if drafted[0] else None)
+                               if speculative else None,
+            "accepted_per_step": advanced if speculative else None,
             "seconds": stats.seconds,
             "tokens_per_second": stats.tokens_per_second,
             "seed": options["seed"],

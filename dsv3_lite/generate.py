@@ -17,7 +17,8 @@ all of them with ONE main-model forward over [last token, draft_1 .. draft_D]:
 
 A batch shares one position counter (the attention caches are indexed by position),
 so it advances by the shortest accepted prefix of its sequences; acceptance statistics
-count every sequence's own agreement.
+count every sequence's own agreement. A sequence that has produced the stop token
+no longer counts, in either.
 
 The caches stay consistent with the accepted tokens without copying anything: a cache
 entry at position i is only read by queries at positions >= i, and the next forward at
@@ -50,7 +51,7 @@ class GenerationStats:
     accepted: list[int] = field(default_factory=list)  # per depth k: drafts accepted
     # per verify step: position of the first draft
     draft_positions: list[int] = field(default_factory=list)
-    # per verify step: (B,) drafts accepted
+    # per verify step: (B,) drafts accepted (-1: the sequence had stopped)
     accepted_per_step: list[torch.Tensor] = field(default_factory=list)
     # per verify step: (B, depth) drafted tokens
     drafts: list[torch.Tensor] = field(default_factory=list)
@@ -321,15 +322,21 @@ class _Decoder:
         else:
             self.n = _speculative_step(model, self.drafter, seq, self.n,
                                        min(self.depth, self.total - self.n - 1),
-                                       self.sampling, self.generator, self.stats)
+                                       self.sampling, self.generator, self.stats,
+                                       ~self.finished)
         self.stats.main_forwards += 1
         new = seq[:, first:self.n]
         if self.stop_token is not None:
             # tokens after a sequence's stop token become stop tokens too
             stopped = (new == self.stop_token).long().cumsum(1) > 0
             after = torch.cat([self.finished[:, None], stopped[:, :-1]], dim=1)
-            new.masked_fill_(after | self.finished[:, None], self.stop_token)
+            after |= self.finished[:, None]
+            new.masked_fill_(after, self.stop_token)
             self.finished |= stopped[:, -1]
+            if self.finished.all():  # end at the last sequence's stop token
+                keep = int((~after).any(0).sum())
+                self.n -= new.shape[1] - keep
+                new = new[:, :keep]
         self.stats.new_tokens = self.n - self.prompt_len
         self.stats.seconds += time.perf_counter() - start
         return new
@@ -400,9 +407,10 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
                       n: int, depth: int,
                       sampling: tuple[float, int | None, float | None],
                       generator: torch.Generator | None,
-                      stats: GenerationStats) -> int:
+                      stats: GenerationStats, active: torch.Tensor) -> int:
     """Draft `depth` tokens, verify them in one main-model forward, commit;
-    return the new token count."""
+    return the new token count. Sequences not `active` (B,) have stopped: they
+    neither count in the statistics nor hold the batch back."""
     temperature = sampling[0]
     drafts, draft_probs = drafter.draft(seq, n, depth, sampling, generator)
     # [last committed token, drafts]
@@ -413,15 +421,15 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
                                            generator)
     if depth:
         stats.draft_positions.append(n)
-        stats.accepted_per_step.append(n_accepted.clone())
+        stats.accepted_per_step.append(torch.where(active, n_accepted, -1))
         stats.drafts.append(drafts.clone())
         for k in range(depth):
-            stats.drafted[k] += int((n_accepted >= k).sum())
-            stats.accepted[k] += int((n_accepted >= k + 1).sum())
-    # The batch keeps its shortest accepted prefix a. A sequence that accepted more
-    # keeps its accepted draft at index a (a correct sample too); the others take
-    # their correction / bonus token.
-    a = int(n_accepted.min())
+            stats.drafted[k] += int(((n_accepted >= k) & active).sum())
+            stats.accepted[k] += int(((n_accepted >= k + 1) & active).sum())
+    # The batch keeps its active sequences' shortest accepted prefix a. A sequence
+    # that accepted more keeps its accepted draft at index a (a correct sample too);
+    # the others take their correction / bonus token.
+    a = int(n_accepted[active].min())
     seq[:, n + a] = torch.where(n_accepted == a, next_token,
                                 seq[:, n + a] if a < depth else next_token)
     return n + a + 1

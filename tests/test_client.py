@@ -84,6 +84,19 @@ def test_speculative_greedy_answers_are_the_same_in_fewer_forwards(client):
     assert all(s["main_forwards"] + sum(s["accepted_per_step"]) == 40 for s in stats)
 
 
+def test_each_answer_counts_its_own_drafts(client, tokenizer):
+    texts = ["What is 12 * 3?", "What is 45 * 6?", "What is 78 * 9?"]  # one length in tokens: one batch
+    results = client.generate(text=texts, max_new_tokens=30, speculative=True)
+    tokens = torch.tensor([tokenizer.encode(QUESTION.format(text=t)) for t in texts])  # fails if lengths differ
+    _, stats = generate(client.model, tokens, 30, speculative=True, stop_token=tokenizer.eot_id)
+    assert [sum(r["stats"]["drafted"][k] for r in results) for k in range(2)] == stats.drafted
+    assert [sum(r["stats"]["accepted"][k] for r in results) for k in range(2)] == stats.accepted
+    for r in results:
+        s = r["stats"]
+        assert s["acceptance_rate"] == s["accepted"][0] / s["drafted"][0]
+        assert s["main_forwards"] == stats.main_forwards
+
+
 def test_a_list_of_texts_gives_each_texts_own_answer_in_order(client):
     texts = QUESTIONS + QUESTIONS[:3]  # some share a length in tokens, so they share a batch
     batched = client.generate(text=texts, max_new_tokens=25)
