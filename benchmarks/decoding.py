@@ -1,6 +1,6 @@
 """Decoding with a trained checkpoint (chapter 8): answers, MTP acceptance and tokens/s, beside transformers.
 
-    python benchmarks/decoding.py                                  # checkpoints/tiny8, one CPU thread
+    python benchmarks/decoding.py                                  # the book's checkpoint, one CPU thread
     python benchmarks/decoding.py --checkpoint runs/tiny --questions 100 --reps 5
 
 Two parts, on the checkpoint's own weights:
@@ -36,14 +36,11 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from vs_transformers import SETTINGS, positive_int, set_hf_impl  # noqa: E402
 
-from dsv3_lite.checkpoint import load_checkpoint  # noqa: E402
+from dsv3_lite.checkpoint import BOOK_CHECKPOINT, load_checkpoint  # noqa: E402
 from dsv3_lite.data import QUESTION, build_documents, final_answer, held_out_questions  # noqa: E402
 from dsv3_lite.generate import generate  # noqa: E402
 from dsv3_lite.hf import to_hf  # noqa: E402
 from dsv3_lite.timing import best_of  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 def answers(model, tokenizer, questions, depth: int) -> tuple[list[str], list[int], list[int], int, int]:
     """Greedy answers to each question alone (depth 0: plain); the drafts checked and accepted per depth,
@@ -151,7 +148,8 @@ def part_speed(model, tokenizer, questions, opts) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=pathlib.Path, default=ROOT / "checkpoints" / "tiny8")
+    parser.add_argument("--checkpoint", type=pathlib.Path, default=BOOK_CHECKPOINT,
+                        help="default: the book's checkpoint, dsv3_lite/checkpoints/tiny8")
     parser.add_argument("--questions", type=positive_int, default=100, help="held-out questions in part 1")
     parser.add_argument("--prompts", type=positive_int, default=8, help="questions timed one at a time in part 2")
     parser.add_argument("--new-tokens", type=positive_int, default=64)
@@ -164,7 +162,7 @@ def main() -> None:
     loaded = load_checkpoint(opts.checkpoint)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     a = model.args
-    print(f"{opts.checkpoint}: {a.n_layers} layers, dim {a.dim}, {a.n_routed_experts} routed experts (top "
+    print(f"{opts.checkpoint.name}: {a.n_layers} layers, dim {a.dim}, {a.n_routed_experts} routed experts (top "
           f"{a.n_activated_experts}), {len(model.mtp)} MTP modules, vocab {a.vocab_size}; "
           f"{model.num_params(mtp=True):,d} parameters; torch {torch.__version__}")
     questions = held_out_questions(opts.questions, seed=1, exclude=build_documents(**_corpus(loaded.data)))

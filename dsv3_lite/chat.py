@@ -1,7 +1,7 @@
 """Chat with a trained checkpoint in the terminal.
 
     python -m dsv3_lite.chat --checkpoint runs/tiny
-    python -m dsv3_lite.chat --checkpoint runs/tiny --speculative   # MTP drafts
+    python -m dsv3_lite.chat --book --speculative   # the book's checkpoint, MTP drafts
 
 Reads a question per line, prints the answer as it is decoded, and loops until
 `q` (or the end of the input). With --speculative, the MTP modules draft tokens
@@ -17,7 +17,7 @@ import argparse
 import pathlib
 import sys
 
-from dsv3_lite.checkpoint import FILES
+from dsv3_lite.checkpoint import BOOK_CHECKPOINT, FILES
 from dsv3_lite.client import Client
 
 TRAIN_COMMAND = "python -m dsv3_lite.train --preset tiny --out runs/tiny"
@@ -28,12 +28,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dsv3_lite.chat",
         description="Ask a trained dsv3_lite checkpoint questions; q or end of "
                     "input quits.")
-    parser.add_argument("--checkpoint", type=pathlib.Path,
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=pathlib.Path,
                         help="checkpoint folder (from python -m dsv3_lite.train)")
+    source.add_argument("--book", action="store_true",
+                        help="the checkpoint that ships with the package "
+                             "(chapter 8)")
     parser.add_argument("--speculative", action="store_true",
                         help="draft with the MTP modules and show the drafts "
                              "accepted per step")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="default: as many as the model's max_seq_len allows")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default) answers greedily")
     parser.add_argument("--top-k", type=int)
@@ -48,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 def _missing(checkpoint: pathlib.Path | None) -> str | None:
     """Why `checkpoint` cannot be used, with how to make one; None if it can."""
     how = (f"Train one (about 10 minutes on a laptop CPU):\n  {TRAIN_COMMAND}\n"
-           "then run: python -m dsv3_lite.chat --checkpoint runs/tiny")
+           "then run: python -m dsv3_lite.chat --checkpoint runs/tiny\n"
+           "or chat with the book's trained checkpoint: python -m dsv3_lite.chat "
+           "--book")
     if checkpoint is None:
         return f"no --checkpoint given. {how}"
     absent = [f for f in FILES[:3] if not (checkpoint / f).is_file()]
@@ -60,6 +67,8 @@ def _missing(checkpoint: pathlib.Path | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = _parser().parse_args(argv)
+    if opts.book:
+        opts.checkpoint = BOOK_CHECKPOINT
     problem = _missing(opts.checkpoint)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     typed = sys.stdin.isatty()
     if typed:
-        print(f"{opts.checkpoint}: ask a question; q quits.")
+        print(f"{opts.checkpoint.name}: ask a question; q quits.")
     while True:
         print("> ", end="", flush=True)
         line = sys.stdin.readline()

@@ -39,6 +39,9 @@ from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import Trainer, TrainArgs
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+# The book's trained checkpoint, shipped inside the package (chapter 8; the README
+# gives the command that trains it)
+BOOK_CHECKPOINT = pathlib.Path(__file__).with_name("checkpoints") / "tiny8"
 
 
 class Checkpoint(NamedTuple):
@@ -198,4 +201,4 @@ def export(source: str | pathlib.Path, target: str | pathlib.Path) -> pathlib.Pa
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "export",
-           "Checkpoint", "FILES"]
+           "Checkpoint", "FILES", "BOOK_CHECKPOINT"]

@@ -46,7 +46,7 @@ class Client:
                              "text goes")
         self.prompt = prompt
 
-    def generate(self, text: str | Sequence[str], max_new_tokens: int = 200,
+    def generate(self, text: str | Sequence[str], max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  stop: bool = True, speculative: bool = False,
@@ -59,17 +59,17 @@ class Client:
         temperature 0 decodes greedily; above 0 it samples, from the `top_k` most
         likely tokens and the nucleus `top_p` when given, with `seed` (a random one
         when None, reported in the stats so the answer can be drawn again).
-        stop=True ends at the end-of-text token; max_new_tokens bounds the answer
+        stop=True ends at the end-of-text token; max_new_tokens (default: as many
+        as the model's max_seq_len leaves after the prompt) bounds the answer
         either way. speculative=True drafts `draft_depth` tokens (default: every MTP
         depth) per main-model forward.
         """
         options = self._options(max_new_tokens, temperature, top_k, top_p, seed,
                                 stop, speculative, draft_depth)
         if isinstance(text, str):
-            return self._generate([text], options)[0]
-        texts = list(text)
-        results: list[dict[str, Any] | None] = [None] * len(texts)
-        prompts = [self._encode(t) for t in texts]
+            return self._generate([self._encode(text)], options)[0]
+        prompts = [self._encode(t) for t in text]
+        results: list[dict[str, Any] | None] = [None] * len(prompts)
         by_length: dict[int, list[int]] = {}
         for i, ids in enumerate(prompts):
             by_length.setdefault(len(ids), []).append(i)
@@ -77,14 +77,15 @@ class Client:
         for group in by_length.values():
             for lo in range(0, len(group), size):
                 rows = group[lo:lo + size]
-                done = self._generate([texts[i] for i in rows], options)
+                done = self._generate([prompts[i] for i in rows], options)
                 for i, result in zip(rows, done):
                     results[i] = result
         return results
 
-    def stream(self, text: str, max_new_tokens: int = 200, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, stop: bool = True, speculative: bool = False,
+    def stream(self, text: str, max_new_tokens: int | None = None,
+               temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: bool = True, speculative: bool = False,
                draft_depth: int | None = None) -> "TextStream":
         """Like `generate` for one text, but iterating the returned `TextStream`
         yields the text of each main-model forward as soon as it is decoded (one
@@ -95,7 +96,7 @@ class Client:
         options = self._options(max_new_tokens, temperature, top_k, top_p, seed,
                                 stop, speculative, draft_depth)
         tokens = torch.tensor([self._encode(text)], device=self._device)
-        steps = stream(self.model, tokens, **_decode_args(options))
+        steps = stream(self.model, tokens, **self._decode_args(tokens, options))
         return TextStream(steps, self.tokenizer, tokens.shape[1], options)
 
     # ---------------------------------------------------------------------- helpers
@@ -108,11 +109,26 @@ class Client:
             raise TypeError(f"text must be str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("text is empty: give the question or text to continue")
-        return self.tokenizer.encode(self.prompt.format(text=text))
+        return self.tokenizer.encode(self.prompt.replace("{text}", text))
 
-    def _options(self, max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, seed: int | None, stop: bool,
-                 speculative: bool, draft_depth: int | None) -> dict[str, Any]:
+    def _decode_args(self, tokens: torch.Tensor, options: dict[str, Any]
+                     ) -> dict[str, Any]:
+        """The options `dsv3_lite.generate` takes (all but the seed), with the
+        default max_new_tokens: what max_seq_len leaves after the prompt."""
+        room = self.model.args.max_seq_len - tokens.shape[1]
+        if room < 1:
+            raise ValueError(f"the prompt has {tokens.shape[1]} tokens, but the model "
+                             f"reads at most max_seq_len ({self.model.args.max_seq_len})"
+                             ": shorten the text")
+        decode = {k: v for k, v in options.items() if k != "seed"}
+        if decode["max_new_tokens"] is None:
+            decode["max_new_tokens"] = room
+        return decode
+
+    def _options(self, max_new_tokens: int | None, temperature: float,
+                 top_k: int | None, top_p: float | None, seed: int | None,
+                 stop: bool, speculative: bool, draft_depth: int | None
+                 ) -> dict[str, Any]:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                  or seed < 0):
             raise ValueError(f"seed ({seed!r}) must be an int >= 0, or None")
@@ -125,11 +141,13 @@ class Client:
                     stop_token=self.tokenizer.eot_id if stop else None,
                     speculative=speculative, draft_depth=draft_depth)
 
-    def _generate(self, texts: list[str], options: dict[str, Any]
+    def _generate(self, prompts: list[list[int]], options: dict[str, Any]
                   ) -> list[dict[str, Any]]:
-        tokens = torch.tensor([self._encode(t) for t in texts], device=self._device)
+        """Decode prompts of one length as one batch."""
+        tokens = torch.tensor(prompts, device=self._device)
         pieces, stats = [], None
-        for new, stats in stream(self.model, tokens, **_decode_args(options)):
+        for new, stats in stream(self.model, tokens,
+                                 **self._decode_args(tokens, options)):
             pieces.append(new)
         advanced = [piece.shape[1] - 1 for piece in pieces[1:]]
         results = []
@@ -168,11 +186,6 @@ class TextStream:
                 yield piece
         self.result = _result(text, count, stopped, self._prompt_tokens, stats,
                               0, advanced, self._options)
-
-
-def _decode_args(options: dict[str, Any]) -> dict[str, Any]:
-    """The options `dsv3_lite.generate` takes (all but the seed)."""
-    return {k: v for k, v in options.items() if k != "seed"}
 
 
 def _until_stop(ids: list[int], stop_token: int | None) -> tuple[list[int], bool]:

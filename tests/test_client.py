@@ -1,18 +1,28 @@
 """The client (dsv3_lite.client) and the terminal chat (dsv3_lite.chat), on a small random checkpoint."""
+import dataclasses
+import json
 import os
+import pathlib
+import random
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from dsv3_lite.checkpoint import save_checkpoint
+from dsv3_lite import train
+from dsv3_lite.checkpoint import BOOK_CHECKPOINT, save_checkpoint
 from dsv3_lite.client import Client
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.data import QUESTION, build_documents
+from dsv3_lite.data import QUESTION, build_documents, final_answer, held_out_questions
 from dsv3_lite.generate import generate
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
+from dsv3_lite.trainer import TrainArgs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 QUESTIONS = ["What is 35 * 9?", "What is 1234 + 56?", "What is 7 * 8?", "Ada has 3 coins, finds 4 more and gives away 1."
              " How many coins does Ada have now?", "What is 12 * 3?", "你好，今天去哪里？"]
@@ -60,6 +70,8 @@ def test_generate_decodes_what_the_model_generates_from_the_corpus_question(clie
     assert stats["finish_reason"] == "length" and stats["main_forwards"] == 30
     assert stats["acceptance_rate"] is None and stats["seed"] is None
     assert stats["seconds"] > 0 and stats["tokens_per_second"] > 0
+    whole = client.generate(text="What is 35 * 9?", stop=False)["stats"]  # as many tokens as fit
+    assert whole["prompt_tokens"] + whole["generated_tokens"] == client.model.args.max_seq_len
 
 
 @pytest.mark.parametrize("text", QUESTIONS)
@@ -158,6 +170,8 @@ def test_bad_requests_raise_clear_errors(client, tmp_path):
         client.generate(text="a", temperature=1.0, top_p=2)
     with pytest.raises(ValueError, match=r"max_seq_len \(256\)"):
         client.generate(text="a", max_new_tokens=1000)
+    with pytest.raises(ValueError, match=r"the prompt has \d+ tokens, but the model reads at most max_seq_len \(256\)"):
+        client.generate(text="seven " * 300)
     with pytest.raises(FileNotFoundError, match="is not a dsv3_lite checkpoint"):
         Client(tmp_path)
 
@@ -197,3 +211,37 @@ def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
 def test_chat_rejects_bad_options_before_the_first_question(checkpoint):
     done = chat("--checkpoint", checkpoint, "--temperature", 1, "--top-k", 0, stdin="What is 2 + 2?\n")
     assert done.returncode == 2 and "top_k (0) must be an int >= 1" in done.stderr
+
+
+# ------------------------------------------------------------------------------------ the book's checkpoint
+def test_the_book_checkpoint_is_small_and_the_readme_command_made_it():
+    files = {p.name: p.stat().st_size for p in BOOK_CHECKPOINT.iterdir()}
+    assert set(files) == {"model.safetensors", "config.json", "tokenizer.json", "history.json"}
+    assert sum(files.values()) < 10 * 2**20
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"python -m dsv3_lite\.train (.*--export (\S+))\n", readme)
+    assert ROOT / command.group(2) == BOOK_CHECKPOINT
+    opts = vars(train._parser().parse_args(shlex.split(command.group(1))))
+    saved = json.loads((BOOK_CHECKPOINT / "config.json").read_text(encoding="utf-8"))
+    model_given = {k: opts[k] for k in train.MODEL_FIELDS if k in opts}
+    train_given = {k: opts[k] for k in train.TRAIN_FIELDS if k in opts}
+    assert saved["model"] == dataclasses.asdict(train.PRESETS[opts["preset"]]().replace(**model_given))
+    assert saved["train"] == dataclasses.asdict(TrainArgs(**train_given, precision="fp32"))
+    assert saved["data"] == train.DATA_DEFAULTS and saved["trainer_state"] is False
+
+
+def test_the_book_checkpoint_answers_in_the_corpus_format():
+    """It is a poor calculator (chapter 8: 8 of 100 held-out questions), but it knows the products it was
+    trained on and writes every answer in the corpus's worked format."""
+    client = Client(BOOK_CHECKPOINT)
+    rng = random.Random(0)
+    products = [(rng.randint(12, 99), rng.randint(2, 9)) for _ in range(20)]
+    results = client.generate(text=[f"What is {x} * {y}?" for x, y in products], speculative=True)
+    assert sum(final_answer(r["generated_text"]) == x * y for r, (x, y) in zip(results, products)) >= 15
+    held_out = client.generate(text=[q for q, _ in held_out_questions(12, seed=5, exclude=build_documents())])
+    for r in results + held_out:
+        assert r["stats"]["finish_reason"] == "stop"
+        assert r["generated_text"].startswith("Work: ") and final_answer(r["generated_text"]) is not None
+    done = chat("--book", "--speculative", stdin="What is 63 * 7?\n")
+    assert done.returncode == 0 and final_answer(done.stdout.split("[")[0]) == 441
+    assert "drafts accepted per step" in done.stdout
