@@ -1,7 +1,7 @@
 """Chat with a trained checkpoint in the terminal.
 
     python -m dsv3_lite.chat --checkpoint runs/tiny
-    python -m dsv3_lite.chat --book --speculative   # the book's checkpoint, MTP drafts
+    python -m dsv3_lite.chat --book --speculative  # the book's, with MTP drafts
 
 Reads a question per line, prints the answer as it is decoded, and loops until
 `q` (or the end of the input). With --speculative, the MTP modules draft tokens

@@ -115,11 +115,12 @@ class Client:
                      ) -> dict[str, Any]:
         """The options `dsv3_lite.generate` takes (all but the seed), with the
         default max_new_tokens: what max_seq_len leaves after the prompt."""
-        room = self.model.args.max_seq_len - tokens.shape[1]
+        longest = self.model.args.max_seq_len
+        room = longest - tokens.shape[1]
         if room < 1:
-            raise ValueError(f"the prompt has {tokens.shape[1]} tokens, but the model "
-                             f"reads at most max_seq_len ({self.model.args.max_seq_len})"
-                             ": shorten the text")
+            raise ValueError(f"the prompt has {tokens.shape[1]} tokens, but the "
+                             f"model reads at most max_seq_len ({longest}): shorten "
+                             "the text")
         decode = {k: v for k, v in options.items() if k != "seed"}
         if decode["max_new_tokens"] is None:
             decode["max_new_tokens"] = room
