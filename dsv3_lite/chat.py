@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not question:
             continue
-        answer = client.stream(question, **options)
+        try:
+            answer = client.stream(question, **options)
+        except ValueError as err:  # e.g. a question longer than the model reads
+            print(f"error: {err}")
+            continue
         for piece in answer:
             print(piece, end="", flush=True)
         print()

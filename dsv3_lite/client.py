@@ -58,7 +58,8 @@ class Client:
 
         temperature 0 decodes greedily; above 0 it samples, from the `top_k` most
         likely tokens and the nucleus `top_p` when given, with `seed` (a random one
-        when None, reported in the stats so the answer can be drawn again).
+        when None, reported in the stats: the same call with it draws the same
+        answers; a list shares one random stream, in order of prompt length).
         stop=True ends at the end-of-text token; max_new_tokens (default: as many
         as the model's max_seq_len leaves after the prompt) bounds the answer
         either way. speculative=True drafts `draft_depth` tokens (default: every MTP
@@ -150,43 +151,50 @@ class Client:
         for new, stats in stream(self.model, tokens,
                                  **self._decode_args(tokens, options)):
             pieces.append(new)
-        advanced = [piece.shape[1] - 1 for piece in pieces[1:]]
         results = []
         for i, row in enumerate(torch.cat(pieces, dim=1).tolist()):
             ids, stopped = _until_stop(row, options["stop_token"])
             results.append(_result(self.tokenizer.decode(ids), len(ids), stopped,
-                                   tokens.shape[1], stats, i, advanced, options))
+                                   tokens.shape[1], stats, i, options))
         return results
 
 
 class TextStream:
     """The text pieces of one decoding, one per main-model forward, as they are
     decoded; `result` holds {"generated_text", "stats"} once the stream is
-    exhausted. Leaving the loop early ends the decoding (`result` stays None)."""
+    exhausted. Leaving the loop early ends the decoding (`result` stays None). A
+    stream is iterated once."""
 
     def __init__(self, steps: Iterator[tuple[torch.Tensor, GenerationStats]],
                  tokenizer, prompt_tokens: int, options: dict[str, Any]):
         self._steps, self._tokenizer = steps, tokenizer
         self._prompt_tokens, self._options = prompt_tokens, options
+        self._started = False
         self.result: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("this TextStream was already iterated: call "
+                               "client.stream again for a new answer")
+        self._started = True
         # DecodeStream holds back bytes that do not yet make a whole UTF-8
         # character (a Chinese character can span two tokens)
         decoder = DecodeStream(skip_special_tokens=False)
-        text, count, stopped, stats, advanced = "", 0, False, None, []
-        for new, stats in self._steps:
-            if stats.main_forwards > 1:  # after the prefill: 1 + the drafts accepted
-                advanced.append(new.shape[1] - 1)
-            ids, stopped = _until_stop(new[0].tolist(), self._options["stop_token"])
-            count += len(ids)
-            piece = "".join(decoder.step(self._tokenizer.tokenizer, token) or ""
-                            for token in ids)
-            text += piece
-            if piece:
-                yield piece
-        self.result = _result(text, count, stopped, self._prompt_tokens, stats,
-                              0, advanced, self._options)
+        text, count, stopped, stats = "", 0, False, None
+        try:
+            for new, stats in self._steps:
+                ids, stopped = _until_stop(new[0].tolist(),
+                                           self._options["stop_token"])
+                count += len(ids)
+                piece = "".join(decoder.step(self._tokenizer.tokenizer, token) or ""
+                                for token in ids)
+                text += piece
+                if piece:
+                    yield piece
+        finally:  # also when the caller leaves early: free the model's cache now
+            self._steps.close()
+        self.result = _result(text, count, stopped, self._prompt_tokens, stats, 0,
+                              self._options)
 
 
 def _until_stop(ids: list[int], stop_token: int | None) -> tuple[list[int], bool]:
@@ -197,15 +205,19 @@ def _until_stop(ids: list[int], stop_token: int | None) -> tuple[list[int], bool
 
 
 def _result(text: str, generated_tokens: int, stopped: bool, prompt_tokens: int,
-            stats: GenerationStats, row: int, advanced: list[int],
-            options: dict[str, Any]) -> dict[str, Any]:
+            stats: GenerationStats, row: int, options: dict[str, Any]
+            ) -> dict[str, Any]:
     """The client's answer for sequence `row` of a batch. The drafts checked and
-    accepted per depth are the sequence's own; the forwards, the drafts accepted
-    per forward after the prefill (`advanced`) and the timing are the batch's."""
+    accepted, per depth and per verify step, are the sequence's own; the forwards
+    and the timing are the batch's (which advances by the fewest drafts any of its
+    sequences accepted)."""
     speculative = options["speculative"]
     drafted, accepted = [0] * len(stats.drafted), [0] * len(stats.drafted)
+    per_step = []
     for step, drafts in zip(stats.accepted_per_step, stats.drafts):
         kept = int(step[row])  # -1 once the sequence has stopped
+        if kept >= 0:
+            per_step.append(kept)
         for k in range(drafts.shape[1]):
             drafted[k] += kept >= k
             accepted[k] += kept >= k + 1
@@ -221,7 +233,7 @@ def _result(text: str, generated_tokens: int, stopped: bool, prompt_tokens: int,
             "accepted": accepted if speculative else None,
             "acceptance_rate": (accepted[0] / drafted[0] if drafted[0] else None)
                                if speculative else None,
-            "accepted_per_step": advanced if speculative else None,
+            "accepted_per_step": per_step if speculative else None,
             "seconds": stats.seconds,
             "tokens_per_second": stats.tokens_per_second,
             "seed": options["seed"],

@@ -18,6 +18,7 @@ import copy
 import functools
 import pathlib
 import random
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -276,15 +277,13 @@ def held_out_questions(n: int, seed: int = 1,
     asked = {d.text.split("\n", 1)[0] for d in exclude if d.domain == "arithmetic"}
     rng, questions = random.Random(seed), {}
     for _ in range(1000 * n):
-        if len(questions) == n:
-            break
         doc = _arithmetic(rng)
         first = doc.split("\n", 1)[0]
         if first not in asked:
             questions.setdefault(first.removeprefix("Question: "), final_answer(doc))
-    else:
-        raise ValueError(f"could not find {n} questions outside `exclude`")
-    return list(questions.items())
+            if len(questions) == n:
+                return list(questions.items())
+    raise ValueError(f"could not find {n} questions outside `exclude`")
 
 
 def final_answer(text: str) -> int | None:
@@ -292,7 +291,7 @@ def final_answer(text: str) -> int | None:
     end), or None if there is none."""
     _, mark, rest = text.rpartition("#### ")
     number = rest.split("\n", 1)[0].strip()
-    if not mark or not number.lstrip("-").isdigit():
+    if not mark or not re.fullmatch(r"-?[0-9]+", number):
         return None
     return int(number)
 

@@ -254,16 +254,17 @@ def restrict(logits: torch.Tensor, temperature: float, top_k: int | None = None,
     """`logits` (..., V) with the tokens that may not be sampled set to -inf. top-k
     keeps the k most likely tokens (and any tied with the k-th); top-p then keeps
     the fewest most likely of those whose probabilities at `temperature`, normalised
-    over them, sum to at least p. Greedy decoding (temperature 0) or None for both
-    leaves the logits as they are. Speculative sampling restricts the drafts' and
-    the main model's distributions alike, so it samples the restricted distribution
-    exactly."""
+    over them, sum to at least p (1 keeps them all). Greedy decoding (temperature
+    0) or None for both leaves the logits as they are. Speculative sampling then
+    samples the restricted distribution exactly, because the main model's
+    distribution is restricted; the drafts are restricted too, so that they are
+    drawn where the main model can accept them."""
     if temperature == 0 or (top_k is None and top_p is None):
         return logits
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and top_p < 1:
         probs, order = _probs(logits, temperature).sort(dim=-1, descending=True)
         # drop a token when the more likely tokens already reach top_p
         drop = probs.cumsum(dim=-1) - probs >= top_p
@@ -323,7 +324,7 @@ class _Decoder:
             self.n = _speculative_step(model, self.drafter, seq, self.n,
                                        min(self.depth, self.total - self.n - 1),
                                        self.sampling, self.generator, self.stats,
-                                       ~self.finished)
+                                       ~self.finished, self.stop_token)
         self.stats.main_forwards += 1
         new = seq[:, first:self.n]
         if self.stop_token is not None:
@@ -407,10 +408,12 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
                       n: int, depth: int,
                       sampling: tuple[float, int | None, float | None],
                       generator: torch.Generator | None,
-                      stats: GenerationStats, active: torch.Tensor) -> int:
+                      stats: GenerationStats, active: torch.Tensor,
+                      stop_token: int | None) -> int:
     """Draft `depth` tokens, verify them in one main-model forward, commit;
     return the new token count. Sequences not `active` (B,) have stopped: they
-    neither count in the statistics nor hold the batch back."""
+    neither count in the statistics nor hold the batch back; nor do the drafts
+    after an accepted stop token."""
     temperature = sampling[0]
     drafts, draft_probs = drafter.draft(seq, n, depth, sampling, generator)
     # [last committed token, drafts]
@@ -419,6 +422,10 @@ def _speculative_step(model: Transformer, drafter: _Drafter, seq: torch.Tensor,
     target = restrict(_finite(model.head(h), n), *sampling)
     n_accepted, next_token = verify_drafts(target, drafts, draft_probs, temperature,
                                            generator)
+    if stop_token is not None and depth:  # nothing after a stop token matters
+        stops = (drafts == stop_token).long()
+        first = torch.where(stops.any(1), stops.argmax(1) + 1, depth)
+        n_accepted = torch.minimum(n_accepted, first)
     if depth:
         stats.draft_positions.append(n)
         stats.accepted_per_step.append(torch.where(active, n_accepted, -1))

@@ -173,12 +173,13 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
 class _Weights:
     """A transformers module's tensors (in FP32), taken by name and shape. A weight
     that is missing, of another shape, or never taken means the config does not
-    describe these weights; the error names the weight and the config field."""
+    describe these weights; the error names the weight and the config field.
+    Taking a weight drops this object's reference to it, so a tensor nobody else
+    holds is freed once the model has its converted copy."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], config: Any):
         self.tensors = {k: v.detach().float() for k, v in tensors.items()}
         self.config = config
-        self.taken: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -201,11 +202,10 @@ class _Weights:
                              f"{tuple(tensor.shape)}, but the config implies "
                              f"{tuple(shape)}: the weights do not match "
                              f"{self._fields(name, _SHAPE_BY)}")
-        self.taken.add(name)
-        return tensor
+        return self.tensors.pop(name)
 
     def check_all_taken(self) -> None:
-        unused = sorted(set(self.tensors) - self.taken)
+        unused = sorted(self.tensors)
         if unused:
             more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
             raise ValueError(f"transformers weights {', '.join(unused[:3])}{more} "
@@ -285,14 +285,18 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     args = args_from_hf_config(config, **overrides).replace(mtp_depth=depth)
     mtp = _Weights(mtp_model.state_dict(), config) if mtp_model is not None else None
     return _load(args, _Weights(hf_model.state_dict(), config), mtp,
-                 bool(getattr(config, "rope_interleave", True)))
+                 bool(getattr(config, "rope_interleave", True)), copy=True)
 
 
 def _load(args: ModelArgs, hf: _Weights, mtp: _Weights | None,
-          interleave: bool) -> Transformer:
+          interleave: bool, copy: bool) -> Transformer:
     """A `Transformer` of `args` from transformers' tensors: the main model's (`hf`)
-    and the MTP layers' (`mtp`, in the names of transformers' `MtpModel`)."""
-    model = Transformer(args)
+    and the MTP layers' (`mtp`, in the names of transformers' `MtpModel`). The
+    model is built without memory (on the meta device) and takes the tensors
+    themselves, or copies of them if `copy` (tensors that belong to another
+    model)."""
+    with torch.device("meta"):
+        model = Transformer(args)
     shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
     state = {ours: hf.take(theirs, shapes[ours]) for ours, theirs in (
         ("embed.weight", "model.embed_tokens.weight"),
@@ -323,7 +327,8 @@ def _load(args: ModelArgs, hf: _Weights, mtp: _Weights | None,
             (state[f"{dst}embed.weight"],
              state[f"{dst}head.weight"]) = state["embed.weight"], state["head.weight"]
         mtp.check_all_taken()
-    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.clone() if copy else v for k, v in state.items()},
+                          strict=True, assign=True)
     return model.eval()
 
 
@@ -514,11 +519,13 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
     """A dsv3_lite `Transformer` from a checkpoint folder in DeepSeek's released
     layout (config.json, model.safetensors.index.json and its shards), with the
     MTP layers as MTP modules and FP8 weights dequantized (`weight_dequant`:
-    block x weight_scale_inv). Shards are read one at a time (memory-mapped),
-    each tensor converted to FP32 as it is read; all of them are collected before
-    the model is built, so the peak is about twice the FP32 model: 8 bytes per
-    parameter, whatever the checkpoint's N bytes on disk. `overrides`: as
-    `from_hf`."""
+    block x weight_scale_inv). The model is built on the meta device; shards are
+    read one at a time (memory-mapped), each tensor converted to FP32 as it is
+    read, and the model takes the converted tensors themselves. So the peak is the
+    FP32 model (4 bytes per parameter: 4N for an FP8 checkpoint of N bytes) plus
+    transients: 1.6x the FP32 model for a 115M-parameter checkpoint, 2.4x where
+    the C allocator keeps freed blocks (benchmarks/release_memory.py).
+    `overrides`: as `from_hf`."""
     directory = pathlib.Path(directory)
     for file in ("config.json", "model.safetensors.index.json"):
         if not (directory / file).is_file():
@@ -544,9 +551,10 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
                     tensor = weight_dequant(tensor, scale_inv)
                 tensors[name] = tensor.float()
     main, mtp = _split_release(tensors, args)
-    return _load(args, _Weights(main, config),
-                 _Weights(mtp, config) if args.mtp_depth else None,
-                 bool(config.rope_interleave))
+    weights = (_Weights(main, config),
+               _Weights(mtp, config) if args.mtp_depth else None)
+    del tensors, main, mtp  # the _Weights hold the only references
+    return _load(args, *weights, bool(config.rope_interleave), copy=False)
 
 
 def _split_release(tensors: dict[str, torch.Tensor], args: ModelArgs

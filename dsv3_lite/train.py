@@ -357,6 +357,8 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
     if trainer.step >= train_args.steps:
         parser.error(f"the run in {opts.out} is complete (step {trainer.step} of "
                      f"{train_args.steps}): nothing to resume")
+    if opts.export and opts.export.resolve() == opts.out.resolve():
+        parser.error(f"--export ({opts.export}) must differ from --out")
     stop = train_args.steps if opts.stop_at is None else opts.stop_at
     if not trainer.step < stop <= train_args.steps:
         parser.error(f"--stop-at ({stop}) must be > the step reached "
@@ -393,7 +395,9 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
         say(f"balance biases identical on all {world_size} processes: {agree}")
     say(f"checkpoint at step {trainer.step}: {opts.out} ({', '.join(FILES)}, "
         "history.json)")
-    if opts.export and rank == 0 and trainer.step == train_args.steps:
+    if opts.export and trainer.step < train_args.steps:
+        say(f"not exported to {opts.export}: the run stopped before its last step")
+    elif opts.export and rank == 0:
         export(opts.out, opts.export)
         say(f"for inference, without the trainer state: {opts.export}")
 

@@ -92,8 +92,21 @@ def test_speculative_greedy_answers_are_the_same_in_fewer_forwards(client):
     assert [r["generated_text"] for r in fast] == [r["generated_text"] for r in plain]
     stats = [r["stats"] for r in fast]
     assert all(0 < s["acceptance_rate"] < 1 and s["main_forwards"] < 40 for s in stats)
-    # every forward gives one token of its own, plus the drafts it accepted
-    assert all(s["main_forwards"] + sum(s["accepted_per_step"]) == 40 for s in stats)
+    assert all(sum(s["accepted_per_step"]) == sum(s["accepted"]) for s in stats)  # depths 1 and 2
+    alone = client.generate(text=QUESTIONS[0], max_new_tokens=40, speculative=True)["stats"]
+    # alone, every forward gives one token of its own, plus the drafts it accepted
+    assert alone["main_forwards"] + sum(alone["accepted_per_step"]) == 40
+
+
+def test_leaving_a_stream_early_ends_the_decoding(client):
+    stream = client.stream(text="What is 7 * 8?", max_new_tokens=30, speculative=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    assert not any(".cache_" in n for n, _ in client.model.named_buffers())  # freed at once
+    assert stream.result is None
+    with pytest.raises(RuntimeError, match="already iterated"):
+        list(stream)
 
 
 def test_each_answer_counts_its_own_drafts(client, tokenizer):
@@ -103,10 +116,11 @@ def test_each_answer_counts_its_own_drafts(client, tokenizer):
     _, stats = generate(client.model, tokens, 30, speculative=True, stop_token=tokenizer.eot_id)
     assert [sum(r["stats"]["drafted"][k] for r in results) for k in range(2)] == stats.drafted
     assert [sum(r["stats"]["accepted"][k] for r in results) for k in range(2)] == stats.accepted
-    for r in results:
+    for i, r in enumerate(results):
         s = r["stats"]
         assert s["acceptance_rate"] == s["accepted"][0] / s["drafted"][0]
         assert s["main_forwards"] == stats.main_forwards
+        assert s["accepted_per_step"] == [int(a[i]) for a in stats.accepted_per_step if a[i] >= 0]
 
 
 def test_a_list_of_texts_gives_each_texts_own_answer_in_order(client):
@@ -206,6 +220,12 @@ def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
     assert "python -m dsv3_lite.train --preset tiny --out runs/tiny" in done.stderr
     if given:
         assert "is not a dsv3_lite checkpoint (model.safetensors, config.json, tokenizer.json missing)" in done.stderr
+
+
+def test_chat_reports_a_question_it_cannot_take_and_goes_on(checkpoint):
+    done = chat("--checkpoint", checkpoint, "--max-new-tokens", 5, stdin="seven " * 300 + "\nWhat is 7 * 8?\n")
+    assert done.returncode == 0, done.stderr
+    assert "error: the prompt has" in done.stdout and done.stdout.count("> ") == 3
 
 
 def test_chat_rejects_bad_options_before_the_first_question(checkpoint):

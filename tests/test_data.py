@@ -245,5 +245,5 @@ def test_held_out_questions_are_new_distinct_and_answered_correctly():
 def test_final_answer_reads_the_number_after_the_last_mark():
     assert final_answer("Work: 3 + 4 = 7.\nAnswer: 3 + 4 = 7\n#### 7") == 7
     assert final_answer("#### 1\n#### -12\nmore text") == -12
-    for text in ("Answer: 7", "#### ", "#### seven", "####7"):
+    for text in ("Answer: 7", "#### ", "#### seven", "####7", "#### --5", "#### ²", "#### 1.5"):
         assert final_answer(text) is None

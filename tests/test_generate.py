@@ -299,7 +299,7 @@ def test_generate_restores_the_model_state(model):
     model.train()
     generate(model, prompts(1, 2), 5, speculative=True)
     assert model.training
-    assert not any(n.startswith("cache_") for n, _ in model.named_buffers())
+    assert not any(".cache_" in n for n, _ in model.named_buffers())
     model.eval()
 
 
@@ -355,7 +355,7 @@ def test_a_stream_left_early_frees_the_cache_and_restores_the_mode(model):
             if i == 2:
                 break
         assert model.training
-        assert not any(n.startswith("cache_") for n, _ in model.named_buffers())
+        assert not any(".cache_" in n for n, _ in model.named_buffers())
     finally:
         model.eval()
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -380,3 +380,32 @@ def test_decoding_stops_once_every_sequence_has_its_stop_token(model, speculativ
     for row, full_row, end in zip(out, full, ends):
         assert torch.equal(row[:end], full_row[:end])  # the same tokens up to the stop token
         assert (row[end:] == stop).all()                # then only stop tokens
+
+
+def test_a_stopped_sequence_neither_counts_nor_holds_the_batch_back(model):
+    """Speculative greedy decoding of three prompts where one sequence stops early: after its stop token it
+    is marked -1, the statistics count only the sequences still decoding, and each step advances by the
+    fewest drafts accepted among those (drafts after an accepted stop token not counted)."""
+    tokens = prompts(3, 4, seed=7)
+    full, _ = generate(model, tokens, 40)
+    new = [row[4:].tolist() for row in full]
+    stop = next(t for t in new[1][3:] if t not in new[0] and t not in new[2])  # only sequence 1 stops
+    out, stats = generate(model, tokens, 40, speculative=True, draft_depth=2, stop_token=stop)
+    end = new[1].index(stop)
+    assert torch.equal(out[[0, 2]], full[[0, 2]]) and (out[1, 4 + end + 1:] == stop).all()
+    drafted, accepted, stopped_seen = [0, 0], [0, 0], False
+    pieces = [p.shape[1] for p, _ in stream(model, tokens, 40, speculative=True, draft_depth=2, stop_token=stop)]
+    for step, (kept, drafts, position) in enumerate(zip(stats.accepted_per_step, stats.drafts,
+                                                        stats.draft_positions)):
+        active = kept >= 0
+        assert active[[0, 2]].all()
+        stopped_seen |= not bool(active[1])
+        if active[1]:  # an accepted stop token ends what counts
+            hits = (drafts[1] == stop).nonzero()
+            if len(hits):
+                assert kept[1] <= hits[0, 0] + 1
+        for k in range(drafts.shape[1]):
+            drafted[k] += int((kept[active] >= k).sum())
+            accepted[k] += int((kept[active] >= k + 1).sum())
+        assert pieces[step + 1] == 1 + int(kept[active].min())
+    assert stopped_seen and drafted == stats.drafted and accepted == stats.accepted

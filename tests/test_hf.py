@@ -7,6 +7,7 @@ import torch
 
 from dsv3_lite.generate import generate
 from dsv3_lite.hf import args_from_hf_config, from_hf, rope_rows_to_half_split, rope_rows_to_interleaved
+from dsv3_lite.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
@@ -111,6 +112,18 @@ def test_mtp_layers_equal_transformers():
 @pytest.fixture(scope="module")
 def small_hf():
     return random_hf_model(**CASES["q_lora-interleaved"])
+
+
+def test_from_hf_copies_the_weights_and_draws_no_random_numbers(small_hf):
+    state = torch.get_rng_state()
+    ours = from_hf(small_hf)
+    assert torch.equal(torch.get_rng_state(), state)  # built on the meta device, not initialised
+    theirs = {t.untyped_storage().data_ptr() for t in small_hf.state_dict().values()}
+    assert not theirs & {t.untyped_storage().data_ptr() for t in ours.state_dict().values()}
+    fresh = dict(Transformer(ours.args).named_parameters())
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == {n: p.requires_grad
+                                                                       for n, p in fresh.items()}
+    assert not ours.training
 
 
 @pytest.mark.parametrize("overrides", [dict(n_layers=2), dict(route_scale=1.0, rope_theta=500.0),
@@ -268,7 +281,7 @@ def test_fp8_release_weights_are_dequantized_on_load(tmp_path):
         else:
             expected[name] = tensor.bfloat16().float()
     main, mtp = _split_release(expected, model.args)
-    reference = _load(model.args, _Weights(main, None), _Weights(mtp, None), True)
+    reference = _load(model.args, _Weights(main, None), _Weights(mtp, None), True, copy=True)
     back = load_release(tmp_path)
     tokens = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -203,7 +203,8 @@ def test_command_line_trains_saves_and_resumes_bit_for_bit(tmp_path, capsys):
 def test_command_line_exports_an_inference_copy_at_the_end(tmp_path, capsys):
     run, copy = tmp_path / "run", tmp_path / "copy"
     main(["--out", str(run), *CLI, "--steps", "4", "--stop-at", "2", "--export", str(copy)])
-    assert not copy.exists()  # an unfinished run is not exported
+    assert not copy.exists()  # an unfinished run is not exported, and says so
+    assert "not exported" in capsys.readouterr().out
     main(["--out", str(run), "--resume", "--export", str(copy)])
     assert f"for inference, without the trainer state: {copy}" in capsys.readouterr().out
     assert (copy / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
@@ -211,6 +212,9 @@ def test_command_line_exports_an_inference_copy_at_the_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(copy), "--resume"])
     assert "holds no trainer state to resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "new"), *CLI, "--export", str(tmp_path / "new")])
+    assert "must differ from --out" in capsys.readouterr().err
 
 
 def test_command_line_errors(tmp_path, capsys):
