@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     typed = sys.stdin.isatty()
     if typed:
         print(f"{opts.checkpoint.name}: ask a question; q quits.")
+    try:
+        return _loop(client, options, typed, opts.speculative)
+    except KeyboardInterrupt:  # Ctrl-C ends the chat like q, without a traceback
+        print()
+        return 130
+
+
+def _loop(client: Client, options: dict, typed: bool, speculative: bool) -> int:
+    """Question, streamed answer, until q or the end of the input."""
     while True:
         print("> ", end="", flush=True)
         line = sys.stdin.readline()
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         for piece in answer:
             print(piece, end="", flush=True)
         print()
-        if opts.speculative:
+        if speculative:
             print(_drafts(answer.result["stats"]))
 
 

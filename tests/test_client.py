@@ -6,6 +6,7 @@ import pathlib
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -226,6 +227,17 @@ def test_chat_reports_a_question_it_cannot_take_and_goes_on(checkpoint):
     done = chat("--checkpoint", checkpoint, "--max-new-tokens", 5, stdin="seven " * 300 + "\nWhat is 7 * 8?\n")
     assert done.returncode == 0, done.stderr
     assert "error: the prompt has" in done.stdout and done.stdout.count("> ") == 3
+
+
+def test_ctrl_c_ends_the_chat_without_a_traceback(checkpoint):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "dsv3_lite.chat", "--checkpoint", str(checkpoint)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    assert process.stdout.read(2) == "> "  # waiting for a question
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and out == "\n" and "Traceback" not in err
 
 
 def test_chat_rejects_bad_options_before_the_first_question(checkpoint):
