@@ -26,6 +26,7 @@ tokens per forward only when the main stack is deep next to one MTP block.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import shlex
 import sys
@@ -36,36 +37,35 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from vs_transformers import SETTINGS, positive_int, set_hf_impl  # noqa: E402
 
-from dsv3_lite.checkpoint import BOOK_CHECKPOINT, load_checkpoint  # noqa: E402
+from dsv3_lite.checkpoint import BOOK_CHECKPOINT  # noqa: E402
+from dsv3_lite.client import Client  # noqa: E402
 from dsv3_lite.data import QUESTION, build_documents, final_answer, held_out_questions  # noqa: E402
 from dsv3_lite.generate import generate  # noqa: E402
 from dsv3_lite.hf import to_hf  # noqa: E402
 from dsv3_lite.timing import best_of  # noqa: E402
 
-def answers(model, tokenizer, questions, depth: int) -> tuple[list[str], list[int], list[int], int, int]:
+def answers(client: Client, questions, depth: int) -> tuple[list[str], list[int], list[int], int, int]:
     """Greedy answers to each question alone (depth 0: plain); the drafts checked and accepted per depth,
-    the new tokens and main-model forwards, summed over the questions."""
+    the new tokens (the end-of-text token included) and main-model forwards, summed over the questions."""
     texts, drafted, accepted, new, forwards = [], [0] * depth, [0] * depth, 0, 0
     for question, _ in questions:
-        prompt = torch.tensor([tokenizer.encode(QUESTION.format(text=question))])
-        room = model.args.max_seq_len - prompt.shape[1]
-        out, stats = generate(model, prompt, room, speculative=depth > 0, draft_depth=depth or None,
-                              stop_token=tokenizer.eot_id)
-        ids = out[0, prompt.shape[1]:].tolist()
-        texts.append(tokenizer.decode(ids[:ids.index(tokenizer.eot_id)] if tokenizer.eot_id in ids else ids))
-        drafted = [a + b for a, b in zip(drafted, stats.drafted)]
-        accepted = [a + b for a, b in zip(accepted, stats.accepted)]
-        new += stats.new_tokens
-        forwards += stats.main_forwards
+        result = client.generate(text=question, speculative=depth > 0, draft_depth=depth or None)
+        stats = result["stats"]
+        texts.append(result["generated_text"])
+        if depth:
+            drafted = [a + b for a, b in zip(drafted, stats["drafted"])]
+            accepted = [a + b for a, b in zip(accepted, stats["accepted"])]
+        new += stats["generated_tokens"] + (stats["finish_reason"] == "stop")
+        forwards += stats["main_forwards"]
     return texts, drafted, accepted, new, forwards
 
 
-def part_answers(model, tokenizer, questions) -> None:
+def part_answers(client: Client, questions) -> None:
     print(f"\n1. {len(questions)} held-out questions, each alone, greedy until end of text")
     print(f"{'decoding':<16s} {'correct':>8s} {'acceptance per depth':>22s} {'tokens/forward':>15s}")
     reference = None
-    for depth in range(len(model.mtp) + 1):
-        texts, drafted, accepted, new, forwards = answers(model, tokenizer, questions, depth)
+    for depth in range(len(client.model.mtp) + 1):
+        texts, drafted, accepted, new, forwards = answers(client, questions, depth)
         correct = sum(final_answer(t) == a for t, (_, a) in zip(texts, questions))
         rates = " / ".join(f"{a / d:.1%}" for a, d in zip(accepted, drafted)) or "-"
         name = f"speculative D={depth}" if depth else "plain"
@@ -159,15 +159,16 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    loaded = load_checkpoint(opts.checkpoint)
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    client = Client(opts.checkpoint)
+    model, tokenizer = client.model, client.tokenizer
     a = model.args
     print(f"{opts.checkpoint.name}: {a.n_layers} layers, dim {a.dim}, {a.n_routed_experts} routed experts (top "
           f"{a.n_activated_experts}), {len(model.mtp)} MTP modules, vocab {a.vocab_size}; "
           f"{model.num_params(mtp=True):,d} parameters; torch {torch.__version__}")
-    questions = held_out_questions(opts.questions, seed=1, exclude=build_documents(**_corpus(loaded.data)))
+    data = json.loads((opts.checkpoint / "config.json").read_text(encoding="utf-8"))["data"]
+    questions = held_out_questions(opts.questions, seed=1, exclude=build_documents(**_corpus(data)))
     start = time.perf_counter()
-    part_answers(model, tokenizer, questions)
+    part_answers(client, questions)
     part_speed(model, tokenizer, questions, opts)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 

@@ -174,17 +174,12 @@ class ModelArgs:
         vocab_size 2048 is the size of the byte-level BPE tokenizer the command
         line learns from the book's corpus (`dsv3_lite.tokenizer`).
         """
-        base = dict(
+        # `tiny`, twice as wide, with twice the experts and context and 4 blocks
+        return cls.tiny(**{**dict(
             vocab_size=2048, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4,
-            n_dense_layers=1, max_seq_len=512, max_batch_size=16,
-            n_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
-            qk_rope_head_dim=16, v_head_dim=32,
-            n_routed_experts=16, n_shared_experts=1, n_activated_experts=4,
-            n_expert_groups=4, n_limited_groups=2, route_scale=1.0,
-            rope_factor=1.0, original_seq_len=512, mtp_depth=1, init_std=0.02,
-        )
-        base.update(overrides)
-        return cls(**base)
+            max_seq_len=512, original_seq_len=512, q_lora_rank=64, kv_lora_rank=64,
+            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+            n_routed_experts=16, n_activated_experts=4), **overrides})
 
     def replace(self, **changes) -> "ModelArgs":
         """A validated copy with some fields changed."""

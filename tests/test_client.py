@@ -22,6 +22,7 @@ from dsv3_lite.generate import generate
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import TrainArgs
+from tests.test_generate import make_agreeable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,12 +38,7 @@ def tokenizer() -> BPETokenizer:
 def write_checkpoint(path, tokenizer, data, seed=0):
     args = ModelArgs.tiny(vocab_size=tokenizer.vocab_size, mtp_depth=2, max_batch_size=4)
     torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():  # a random model whose MTP drafts are sometimes right (see test_generate)
-        model.embed.weight.mul_(3.0)
-        for module in model.mtp:
-            mix = 0.5 * torch.randn(args.dim, args.dim) / args.dim ** 0.5
-            module.eh_proj.weight.copy_(torch.cat([torch.eye(args.dim), mix], dim=1))
+    model = make_agreeable(Transformer(args))  # its MTP drafts are sometimes right
     save_checkpoint(path, model, tokenizer, data=data)
     return path
 
@@ -220,7 +216,7 @@ def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
     assert done.returncode == 2 and done.stdout == ""
     assert "python -m dsv3_lite.train --preset tiny --out runs/tiny" in done.stderr
     if given:
-        assert "is not a dsv3_lite checkpoint (model.safetensors, config.json, tokenizer.json missing)" in done.stderr
+        assert "is not a dsv3_lite checkpoint: model.safetensors, config.json, tokenizer.json missing" in done.stderr
 
 
 def test_chat_reports_a_question_it_cannot_take_and_goes_on(checkpoint):
