@@ -265,8 +265,8 @@ def _check_unchanged(saved: dict[str, Any], given: dict[str, Any]) -> None:
 
 
 def _setup(opts: argparse.Namespace, device: torch.device):
-    """(model, tokenizer, TrainArgs, data options, trainer state or None) of a new
-    run, or of the run saved in --out with --resume."""
+    """(model, tokenizer, TrainArgs, data options, documents, trainer state or None)
+    of a new run, or of the run saved in --out with --resume."""
     given = vars(opts)
     model_given = {k: given[k] for k in MODEL_FIELDS if k in given}
     train_given = {k: given[k] for k in TRAIN_FIELDS if k in given}
@@ -280,7 +280,7 @@ def _setup(opts: argparse.Namespace, device: torch.device):
         _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
         _check_unchanged(saved.data, data_given)
         return (saved.model, saved.tokenizer, saved.train_args, saved.data,
-                saved.trainer_state)
+                _documents(saved.data), saved.trainer_state)
     if (opts.out / "config.json").exists():
         raise ValueError(f"{opts.out} already holds a checkpoint: add --resume to "
                          "continue it, or choose another --out")
@@ -292,15 +292,15 @@ def _setup(opts: argparse.Namespace, device: torch.device):
     train_args = TrainArgs(**train_given)
     args = PRESETS[opts.preset]().replace(fp8=train_args.precision == "fp8",
                                           **model_given)
-    tokenizer = BPETokenizer.train((d.text for d in _documents(data)),
-                                   args.vocab_size)
+    documents = _documents(data)
+    tokenizer = BPETokenizer.train((d.text for d in documents), args.vocab_size)
     if tokenizer.vocab_size < args.vocab_size:
         print(f"the corpus yields only {tokenizer.vocab_size} BPE tokens: "
               f"vocab_size {args.vocab_size} -> {tokenizer.vocab_size}")
         args = args.replace(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(train_args.seed)
     model = Transformer(args).to(device)  # drawn on the CPU, the same everywhere
-    return model, tokenizer, train_args, data, None
+    return model, tokenizer, train_args, data, documents, None
 
 
 def _describe(trainer: Trainer, tokenizer: BPETokenizer, out: pathlib.Path) -> str:
@@ -345,10 +345,10 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
          world_size: int, device: torch.device) -> None:
     say = print if rank == 0 else (lambda *_, **__: None)
     try:
-        model, tokenizer, train_args, data, state = _setup(opts, device)
+        model, tokenizer, train_args, data, documents, state = _setup(opts, device)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
-    corpus = Corpus(_documents(data), tokenizer=tokenizer,
+    corpus = Corpus(documents, tokenizer=tokenizer,
                     fim_rate=train_args.fim_rate, seed=train_args.seed)
     trainer = Trainer(model, corpus, train_args)
     if state is not None:
