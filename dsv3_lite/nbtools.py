@@ -1,5 +1,7 @@
 """Helpers for the chapter notebooks only: one plotting style, figures with alt text,
-source display, exercise checks, widget explorers.
+source display, widget explorers, and the `%%needs_triton` cell magic
+(`%load_ext dsv3_lite.nbtools`). The exercises' self-checks are in
+`dsv3_lite.exercises`.
 
 The core package never imports this module (it pulls in matplotlib and IPython). The
 book's Sphinx build loads it as an extension (`extra_extensions` in `_config.yml`,
@@ -14,7 +16,6 @@ import html
 import inspect
 import io
 import json
-import math
 import pathlib
 from typing import Any, Callable
 
@@ -122,29 +123,6 @@ def show_source(obj: Any) -> None:
     display(Markdown(f"```python\n{inspect.getsource(obj).rstrip()}\n```"))
 
 
-def check(label: str, answer: Any, expected: Any, rel_tol: float = 1e-3) -> None:
-    """Self-check for an exercise: prints whether `answer` matches `expected`
-    (numbers within rel_tol).
-
-    It prints only "not attempted yet", "correct" or "not quite, try again",
-    never the expected value. The book's convention (tests/test_book_browser.py
-    checks it in the rendered HTML): the visible self-check cell does not
-    reveal the answer either, so it passes a name, not an expression, e.g.
-    `check("Exercise 2", answer_2, expected[2])`, with `expected` computed
-    in a cell tagged `remove-cell` (absent from the book) at the start of the
-    exercises. The worked answer lives only in the exercise's collapsed solution
-    (`:::{dropdown} Solution` or `<details><summary>Solution`).
-    """
-    if answer is None:
-        print(f"{label}: not attempted yet (set your answer and re-run this cell)")
-        return
-    if isinstance(expected, (int, float)) and isinstance(answer, (int, float)):
-        ok = math.isclose(answer, expected, rel_tol=rel_tol)
-    else:
-        ok = answer == expected
-    print(f"{label}: {'correct' if ok else 'not quite, try again'}")
-
-
 def explorer(describe: Callable[..., str], **sliders: Any):
     """Sliders plus a read-out that shows `describe(**slider_values)`
     and updates as they move.
@@ -184,6 +162,26 @@ def explorer(describe: Callable[..., str], **sliders: Any):
 def sig(x: float, digits: int = 4) -> str:
     """`x` rounded to `digits` significant digits, for outputs that nbval compares."""
     return f"{x:.{digits}g}"
+
+
+def needs_triton(line: str, cell: str) -> None:
+    """Cell magic `%%needs_triton`: run the cell where Triton is installed (Linux,
+    with or without a GPU), else say that it is skipped.
+
+    macOS and Windows have no Triton; there a chapter's reference cells still run.
+    An error in the cell is raised, as it would be without the magic.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("Skipped: this cell needs Triton (pip install triton, Linux only).")
+        return
+    _ipython().run_cell(cell).raise_error()
+
+
+def load_ipython_extension(shell) -> None:
+    """`%load_ext dsv3_lite.nbtools` registers `%%needs_triton`."""
+    shell.register_magic_function(needs_triton, magic_kind="cell")
 
 
 def _ipython():
@@ -246,5 +244,5 @@ def setup(app) -> dict:
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
-__all__ = ["PALETTE", "use_book_style", "show_figure", "show_source", "check",
-           "explorer", "sig", "plt"]
+__all__ = ["PALETTE", "use_book_style", "show_figure", "show_source", "explorer",
+           "sig", "needs_triton", "plt"]

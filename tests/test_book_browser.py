@@ -25,9 +25,9 @@ Exercise convention (chapter notebooks), checked in the HTML:
   * an exercise is a paragraph that starts with a bold number ("**2.** ..."), in the "Exercises" section;
   * its worked answer lives only in a collapsed solution right after it: `:::{dropdown} Solution` or
     `<details><summary>Solution</summary> ... </details>`;
-  * its self-check cell shows the reader's line and `check("Exercise 2", answer_2, expected[2])`: the
-    expected value is a name, computed in a cell tagged `remove-cell`, never an expression in sight;
-  * the self-check prints only "not attempted yet", "correct" or "not quite, try again";
+  * its self-check cell shows the reader's line and `check("3.2", answer_2)`: the exercise's id and the
+    reader's answer, nothing else (dsv3_lite.exercises compares with the answer key's digests);
+  * the self-check shows only its verdict: "not attempted yet", "correct" or "not quite, <a hint>";
   * no number of the solution (one with 2+ significant digits that the question does not state)
     appears in a visible cell of the exercise.
 """
@@ -63,7 +63,7 @@ SEARCH = ("latent", "notebooks/02_mla.html")  # a term, and a page the results m
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ON_LINUX_CI = sys.platform.startswith("linux") and bool(os.environ.get("CI"))
-CHECK_MESSAGE = re.compile(r"^.+: (not attempted yet.*|correct|not quite, try again)$")
+CHECK_MESSAGE = re.compile(r"^Exercise [\w.]+: (not attempted yet.*|correct|not quite, .+)$")
 
 # Expected failures of chapter content still to be fixed, keyed by page, then by test ("<test>" for
 # every width, "<test>[phone]" for one width); every measurement is in _build/screenshots/report.json.
@@ -555,20 +555,18 @@ def _significant_digits(number: decimal.Decimal) -> int:
 
 
 def _expected_argument_problem(code: str) -> str | None:
-    """The check() call's expected value must be a name (or a name's item), not something that shows it."""
+    """A check() call takes the exercise's id and the reader's answer (a name), nothing that shows an
+    expected value."""
     try:
         tree = ast.parse(code)
     except SyntaxError:
         return "the self-check cell does not parse"
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "check":
-            args = list(node.args[2:3]) + [k.value for k in node.keywords if k.arg == "expected"]
-            for arg in args:
-                plain = isinstance(arg, ast.Name) or (
-                    isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name)
-                    and isinstance(arg.slice, (ast.Constant, ast.Name)))
-                if not plain:
-                    return f"check() computes its expected value in sight: {ast.unparse(arg)}"
+            plain = (len(node.args) == 2 and not node.keywords and isinstance(node.args[0], ast.Constant)
+                     and isinstance(node.args[1], ast.Name))
+            if not plain:
+                return f"check() takes more than the exercise and the answer: {ast.unparse(node)}"
     return None
 
 
@@ -637,12 +635,13 @@ def test_the_exercise_check_catches_a_revealed_answer():
         <div class="cell docutils container"><div class="cell_input"><pre>{code}</pre></div>
         <div class="cell_output"><pre>{output}</pre></div></div></section>"""
 
-    good = page('answer_1 = None\ncheck("Exercise 1", answer_1, expected[1])',
-                "Exercise 1: not attempted yet (set your answer and re-run this cell)")
+    good = page('answer_1 = None\ncheck("2.1", answer_1)',
+                "Exercise 2.1: not attempted yet (set your answer and re-run this cell)")
     assert exercise_problems(good) == []
-    assert exercise_problems(page('answer_1 = None\ncheck("Exercise 1", answer_1, 576 * 27 * 2)',
-                                  "Exercise 1: correct")) == [
-        "exercise 1: check() computes its expected value in sight: 576 * 27 * 2"]
-    assert exercise_problems(page('check("Exercise 1", answer_1, expected[1])', "expected 31104")) == [
+    assert exercise_problems(page('answer_1 = None\ncheck("2.1", answer_1, 576 * 27 * 2)',
+                                  "Exercise 2.1: correct")) == [
+        "exercise 1: check() takes more than the exercise and the answer: "
+        "check('2.1', answer_1, 576 * 27 * 2)"]
+    assert exercise_problems(page('check("2.1", answer_1)', "expected 31104")) == [
         "exercise 1: the self-check prints more than its verdict: 'expected 31104'",
         "exercise 1: a visible cell shows the solution's number(s) 31104"]

@@ -190,6 +190,22 @@ def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tok, corpus, tmp_p
     assert torch.equal(torch.get_rng_state(), whole_rng_after(tok, corpus))
 
 
+def test_a_resume_without_the_optimizer_state_starts_right_then_drifts(tok, corpus, tmp_path):
+    """Chapter 7, exercise 3: weights, step and data position without AdamW's moments. The first loss is
+    the uninterrupted run's (same weights, same batch); after the first update the runs part."""
+    whole = make(tok, corpus)
+    whole.train()
+    first = make(tok, corpus)
+    first.train(until=5)
+    save_checkpoint(tmp_path, first.model, tok, first)
+    saved = load_checkpoint(tmp_path)
+    forgetful = Trainer(saved.model, make_corpus(saved.tokenizer), saved.train_args, progress=False)
+    forgetful.step, forgetful.position = saved.trainer_state["step"], saved.trainer_state["position"]
+    history = forgetful.train()
+    assert history.train_loss[0] == whole.history.train_loss[5]
+    assert all(a != b for a, b in zip(history.train_loss[1:], whole.history.train_loss[6:]))
+
+
 def whole_rng_after(tok, corpus):
     """torch's random state after an uninterrupted run (the trainer draws nothing from it)."""
     make(tok, corpus).train()

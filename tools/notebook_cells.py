@@ -32,19 +32,24 @@ def colab_badge(notebook: pathlib.Path) -> str:
 
 
 def setup_source() -> str:
+    """The setup cell. On Colab it installs the package from the book's repository, or from the URL in the
+    environment variable DSV3_LITE_REPO: any URL pip takes after `dsv3-lite[notebooks] @`, such as
+    `git+file:///path/to/checkout@main` or `file:///path/to/checkout`. tools/simulate_colab.py sets it to
+    test the cell offline against a local checkout."""
     url, branch = repository()
     return (
-        "# Setup: on Colab, install dsv3_lite from the book's repository.\n"
-        "# Locally, the README's set-up has done it.\n"
+        "# Setup: on Colab, install dsv3_lite from the book's repository\n"
+        "# (or from $DSV3_LITE_REPO). Locally, the README's set-up has done it.\n"
         "import sys\n"
         "\n"
         "if \"google.colab\" in sys.modules:\n"
+        "    import os\n"
         "    import subprocess\n"
         "\n"
-        "    package = (\"dsv3-lite[notebooks] @ \"\n"
-        f"               \"git+{url}@{branch}\")\n"
+        f"    default = \"git+{url}@{branch}\"\n"
+        "    repo = os.environ.get(\"DSV3_LITE_REPO\", default)\n"
         "    pip = [sys.executable, \"-m\", \"pip\", \"install\", \"-q\"]\n"
-        "    subprocess.run(pip + [package], check=True)"
+        "    subprocess.run(pip + [f\"dsv3-lite[notebooks] @ {repo}\"], check=True)"
     )
 
 

@@ -1,0 +1,205 @@
+"""The course kit: student notebooks without solutions, an otter-grader autograder and slides, per chapter.
+
+    python tools/course.py --out course                  # every chapter
+    python tools/course.py --out course notebooks/01_glance.ipynb
+    python tools/course.py --write-key                   # dsv3_lite/exercise_key.json from the answers
+
+For each chapter it writes
+    course/student/NN_topic.ipynb                the chapter as handed out: no solution, no stored output
+    course/autograder/NN_topic.ipynb             the same with the worked solutions (the instructor's copy)
+    course/autograder/NN_topic-autograder.zip    otter-grader's autograder for it
+    course/slides/NN_topic.slides.html           reveal.js slides of the chapter's prose and figures
+
+Grade a submission with `otter run -a course/autograder/NN_topic-autograder.zip submission.ipynb`.
+
+The chapters follow one exercise format, which this tool reads (tests/test_course.py checks it):
+  * an exercise is a markdown cell that starts with a bold number ("**2.**" or "**4. (misconception)**");
+  * its worked solution is a `<details><summary>Solution</summary> ... </details>` block at the end of that
+    cell, collapsed in Jupyter, VS Code, Colab and the web book alike; its ```python blocks, run in order in
+    the chapter, set the exercise's answer variables;
+  * a graded exercise has a code cell whose last lines are `check("C.N", answer)` self-checks (from
+    `dsv3_lite.exercises`; all but the last of several in `print(...)`), which compare with the answer
+    key's digests and show no expected value.
+The master notebook given to `otter assign` puts the solution's code before the checks (between
+`# BEGIN SOLUTION NO PROMPT` and `# END SOLUTION`, so the student keeps the chapter's own starting code) and
+makes every check a public otter test; exercises without a check become manual questions of 0 points.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import nbformat
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from notebook_cells import ROOT  # noqa: E402
+
+EXERCISE = re.compile(r"^\*\*(\d+[a-z]?)\.")
+DETAILS = re.compile(r"\n*<details>\s*<summary>Solution</summary>.*?</details>\s*", re.S)
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+CHECK = re.compile(r'^(?:print\()?check\("(?P<id>[\w.]+)", (?P<answer>\w+)\)\)?\s*$', re.M)
+ASSIGNMENT_CONFIG = """# ASSIGNMENT CONFIG
+name: {name}
+init_cell: false
+check_all_cell: false
+export_cell: false
+run_tests: false
+solutions_pdf: false
+tests:
+  files: false
+"""
+OTTER_INIT = """# Grading: otter-grader checks your answers (on Colab, it is installed here)
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "otter-grader"],
+                   check=True)
+import otter
+
+grader = otter.Notebook("{name}.ipynb")"""
+
+
+def exercises(nb) -> list[dict]:
+    """The chapter's exercises in order: {"number", "cell" (index of its markdown cell), "solution" (code),
+    "check_cell" (index, or None for a discussion), "checks" [(id, answer variable)]}."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and EXERCISE.match(cell.source):
+            details = DETAILS.search(cell.source)
+            if details is None:
+                raise ValueError(f"exercise {EXERCISE.match(cell.source).group(1)} (cell {i}) has no "
+                                 "<details><summary>Solution</summary> block")
+            found.append({"number": EXERCISE.match(cell.source).group(1), "cell": i,
+                          "solution": "\n".join(PYTHON_BLOCK.findall(details.group(0))).strip(),
+                          "check_cell": None, "checks": []})
+        elif cell.cell_type == "code" and CHECK.search(cell.source) and found:
+            found[-1]["check_cell"] = i
+            found[-1]["checks"] = [(m["id"], m["answer"]) for m in CHECK.finditer(cell.source)]
+    return found
+
+
+def split_check_cell(source: str) -> tuple[str, str]:
+    """(the student's starting code, the check lines at the end)."""
+    first = CHECK.search(source).start()
+    return source[:first].rstrip(), source[first:].rstrip()
+
+
+def master_notebook(nb, name: str):
+    """The otter-grader assign-format master of one chapter (outputs cleared)."""
+    raw, md, code = nbformat.v4.new_raw_cell, nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    found = {e["cell"]: e for e in exercises(nb)}
+    by_check = {e["check_cell"]: e for e in found.values() if e["check_cell"] is not None}
+    cells = [raw(ASSIGNMENT_CONFIG.format(name=name))]
+    for i, cell in enumerate(nb.cells):
+        cell = copy.deepcopy(cell)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        if i in found:
+            e = found[i]
+            details = DETAILS.search(cell.source).group(0).strip()
+            question = DETAILS.sub("\n", cell.source).strip()
+            graded = e["check_cell"] is not None
+            header = (f"# BEGIN QUESTION\nname: q{name[:2].lstrip('0')}_{e['number']}\npoints: 1" if graded
+                      else f"# BEGIN QUESTION\nname: q{name[:2].lstrip('0')}_{e['number']}\nmanual: true\n"
+                           "points: 0")
+            cells += [raw(header), md(question)]
+            if not graded:
+                cells += [raw("# BEGIN SOLUTION"), md(details), raw("# END SOLUTION"), raw("# END QUESTION")]
+            else:
+                e["details"] = details
+            continue
+        if i in by_check:
+            e = by_check[i]
+            start, checks = split_check_cell(cell.source)
+            solution = f"# BEGIN SOLUTION NO PROMPT\n{e['solution']}\n# END SOLUTION"
+            test = "\n".join(f'assert check("{ex}", {answer}).correct' for ex, answer in e["checks"])
+            cells += [raw("# BEGIN SOLUTION"), md(e["details"]),
+                      code("\n".join(part for part in (start, solution, checks) if part)),
+                      raw("# END SOLUTION"), raw("# BEGIN TESTS"), code(test), raw("# END TESTS"),
+                      raw("# END QUESTION")]
+            continue
+        cells.append(cell)
+        if i == 1:  # after the chapter's setup cell
+            cells.append(code(OTTER_INIT.format(name=name)))
+    return nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(nb.metadata))
+
+
+def slides(nb, out: pathlib.Path) -> None:
+    """reveal.js slides from the executed chapter: each heading opens a slide (### a sub-slide); prose and
+    figures follow; code, exercises' solutions and text outputs stay in the notebook."""
+    from nbconvert import SlidesExporter
+
+    deck = copy.deepcopy(nb)
+    for i, cell in enumerate(deck.cells):
+        kind = "skip"
+        if cell.cell_type == "markdown":
+            cell.source = DETAILS.sub("\n", cell.source)
+            heading = re.match(r"#+ ", cell.source)
+            kind = ({"# ": "slide", "## ": "slide", "### ": "subslide"}.get(heading.group(0), "-")
+                    if heading else "-")
+        elif cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.outputs):
+            cell.outputs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            kind = "subslide"
+        cell.metadata["slideshow"] = {"slide_type": kind}
+    body, _ = SlidesExporter(exclude_input=True, exclude_input_prompt=True,
+                             exclude_output_prompt=True).from_notebook_node(deck)
+    out.write_text(body, encoding="utf-8")
+
+
+def build(notebooks: list[pathlib.Path], out: pathlib.Path) -> None:
+    for sub in ("student", "autograder", "slides"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        name = path.stem
+        with tempfile.TemporaryDirectory() as tmp:
+            master = pathlib.Path(tmp, f"{name}.ipynb")
+            nbformat.write(master_notebook(nb, name), master)
+            subprocess.run(["otter", "assign", str(master), str(pathlib.Path(tmp, "dist"))], check=True,
+                           capture_output=True, text=True)
+            dist = pathlib.Path(tmp, "dist")
+            shutil.copy(dist / "student" / f"{name}.ipynb", out / "student" / f"{name}.ipynb")
+            shutil.copy(dist / "autograder" / f"{name}.ipynb", out / "autograder" / f"{name}.ipynb")
+            (zipped,) = (dist / "autograder").glob(f"{name}-autograder_*.zip")
+            shutil.copy(zipped, out / "autograder" / f"{name}-autograder.zip")
+        slides(nb, out / "slides" / f"{name}.slides.html")
+        print(f"{name}: student, autograder and slides written", flush=True)
+
+
+def write_key() -> pathlib.Path:
+    from exercise_answers import ANSWERS
+
+    from dsv3_lite.exercises import KEY_PATH, key_entry
+
+    key = {exercise: key_entry(exercise, a.value, a.rel_tol, a.traps) for exercise, a in ANSWERS.items()}
+    KEY_PATH.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return KEY_PATH
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=pathlib.Path,
+                        help="chapters (default: every notebook in notebooks/)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("course"),
+                        help="where the kit goes (default: course)")
+    parser.add_argument("--write-key", action="store_true",
+                        help="write dsv3_lite/exercise_key.json from tools/exercise_answers.py, then stop")
+    opts = parser.parse_args(argv)
+    if opts.write_key:
+        print(f"wrote {write_key().relative_to(ROOT)}")
+        return 0
+    build(opts.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb")), opts.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
