@@ -23,8 +23,9 @@ browser the tests skip with that message, except on Linux CI, where they fail.
 
 Exercise convention (chapter notebooks), checked in the HTML:
   * an exercise is a paragraph that starts with a bold number ("**2.** ..."), in the "Exercises" section;
-  * its worked answer lives only in a collapsed solution right after it: `:::{dropdown} Solution` or
-    `<details><summary>Solution</summary> ... </details>`;
+  * its worked answer lives only in a collapsed solution right after it,
+    `<details><summary>Solution</summary> ... </details>` (collapsed in Jupyter and Colab too, which show a
+    MyST dropdown's content; tests/test_exercises.py checks the notebooks);
   * its self-check cell shows the reader's line and `check("3.2", answer_2)`: the exercise's id and the
     reader's answer, nothing else (dsv3_lite.exercises compares with the answer key's digests);
   * the self-check shows only its verdict: "not attempted yet", "correct" or "not quite, <a hint>";

@@ -8,7 +8,8 @@ For each chapter it writes
     course/student/NN_topic.ipynb                the chapter as handed out: no solution, no stored output
     course/autograder/NN_topic.ipynb             the same with the worked solutions (the instructor's copy)
     course/autograder/NN_topic-autograder.zip    otter-grader's autograder for it
-    course/slides/NN_topic.slides.html           reveal.js slides of the chapter's prose and figures
+    course/slides/NN_topic.slides.html           reveal.js slides of the chapter's prose and figures (they
+                                                 load reveal.js from a CDN when opened)
 
 Grade a submission with `otter run -a course/autograder/NN_topic-autograder.zip submission.ipynb`.
 
@@ -22,7 +23,8 @@ The chapters follow one exercise format, which this tool reads (tests/test_cours
     key's digests and show no expected value.
 The master notebook given to `otter assign` puts the solution's code before the checks (between
 `# BEGIN SOLUTION NO PROMPT` and `# END SOLUTION`, so the student keeps the chapter's own starting code) and
-makes every check a public otter test; exercises without a check become manual questions of 0 points.
+makes every check a public otter test (with the key's own `check`); exercises without a check become
+manual questions of 0 points. A check cell that is not its exercise's, or a second one, is an error.
 """
 from __future__ import annotations
 
@@ -55,12 +57,12 @@ solutions_pdf: false
 tests:
   files: false
 """
-OTTER_INIT = """# Grading: otter-grader checks your answers (on Colab, it is installed here)
+OTTER_INIT = """# Grading: otter-grader checks your answers (installed here if it is missing)
+import importlib.util
+import subprocess
 import sys
 
-if "google.colab" in sys.modules:
-    import subprocess
-
+if importlib.util.find_spec("otter") is None:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "otter-grader"],
                    check=True)
 import otter
@@ -81,10 +83,23 @@ def exercises(nb) -> list[dict]:
             found.append({"number": EXERCISE.match(cell.source).group(1), "cell": i,
                           "solution": "\n".join(PYTHON_BLOCK.findall(details.group(0))).strip(),
                           "check_cell": None, "checks": []})
-        elif cell.cell_type == "code" and CHECK.search(cell.source) and found:
-            found[-1]["check_cell"] = i
-            found[-1]["checks"] = [(m["id"], m["answer"]) for m in CHECK.finditer(cell.source)]
+        elif cell.cell_type == "code" and CHECK.search(cell.source):
+            checks = [(m["id"], m["answer"]) for m in CHECK.finditer(cell.source)]
+            number = found[-1]["number"] if found else None
+            if number is None or any(re.sub(r"[a-z]$", "", ex.split(".", 1)[1]) != number.rstrip("abc")
+                                     for ex, _ in checks):
+                raise ValueError(f"cell {i}: checks {[ex for ex, _ in checks]} follow exercise {number}: a "
+                                 "check cell comes after its own exercise, before the next one")
+            if found[-1]["check_cell"] is not None:
+                raise ValueError(f"cell {i}: exercise {number} already has its check cell "
+                                 f"{found[-1]['check_cell']}: put all of its checks in one cell")
+            found[-1]["check_cell"], found[-1]["checks"] = i, checks
     return found
+
+
+def question_name(chapter: str, number: str) -> str:
+    """otter-grader's name of exercise `number` of chapter "NN_topic": "q1_2"."""
+    return f"q{int(chapter[:2])}_{number}"
 
 
 def split_check_cell(source: str) -> tuple[str, str]:
@@ -108,9 +123,8 @@ def master_notebook(nb, name: str):
             details = DETAILS.search(cell.source).group(0).strip()
             question = DETAILS.sub("\n", cell.source).strip()
             graded = e["check_cell"] is not None
-            header = (f"# BEGIN QUESTION\nname: q{name[:2].lstrip('0')}_{e['number']}\npoints: 1" if graded
-                      else f"# BEGIN QUESTION\nname: q{name[:2].lstrip('0')}_{e['number']}\nmanual: true\n"
-                           "points: 0")
+            header = (f"# BEGIN QUESTION\nname: {question_name(name, e['number'])}\n"
+                      + ("points: 1" if graded else "manual: true\npoints: 0"))
             cells += [raw(header), md(question)]
             if not graded:
                 cells += [raw("# BEGIN SOLUTION"), md(details), raw("# END SOLUTION"), raw("# END QUESTION")]
@@ -121,14 +135,16 @@ def master_notebook(nb, name: str):
             e = by_check[i]
             start, checks = split_check_cell(cell.source)
             solution = f"# BEGIN SOLUTION NO PROMPT\n{e['solution']}\n# END SOLUTION"
-            test = "\n".join(f'assert check("{ex}", {answer}).correct' for ex, answer in e["checks"])
+            # the key's own check, whatever the notebook may have named `check`
+            test = "\n".join(["from dsv3_lite.exercises import check as key_check"] + [
+                f'assert key_check("{ex}", {answer}).correct' for ex, answer in e["checks"]])
             cells += [raw("# BEGIN SOLUTION"), md(e["details"]),
                       code("\n".join(part for part in (start, solution, checks) if part)),
                       raw("# END SOLUTION"), raw("# BEGIN TESTS"), code(test), raw("# END TESTS"),
                       raw("# END QUESTION")]
             continue
         cells.append(cell)
-        if i == 1:  # after the chapter's setup cell
+        if cell.cell_type == "code" and cell.source.startswith("# Setup:"):  # the chapter's setup cell
             cells.append(code(OTTER_INIT.format(name=name)))
     return nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(nb.metadata))
 
@@ -164,8 +180,10 @@ def build(notebooks: list[pathlib.Path], out: pathlib.Path) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             master = pathlib.Path(tmp, f"{name}.ipynb")
             nbformat.write(master_notebook(nb, name), master)
-            subprocess.run(["otter", "assign", str(master), str(pathlib.Path(tmp, "dist"))], check=True,
-                           capture_output=True, text=True)
+            assign = subprocess.run(["otter", "assign", str(master), str(pathlib.Path(tmp, "dist"))],
+                                    capture_output=True, text=True)
+            if assign.returncode:
+                raise RuntimeError(f"otter assign failed on {path.name}:\n{assign.stdout}{assign.stderr}")
             dist = pathlib.Path(tmp, "dist")
             shutil.copy(dist / "student" / f"{name}.ipynb", out / "student" / f"{name}.ipynb")
             shutil.copy(dist / "autograder" / f"{name}.ipynb", out / "autograder" / f"{name}.ipynb")
@@ -186,7 +204,8 @@ def write_key() -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=pathlib.Path,
                         help="chapters (default: every notebook in notebooks/)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("course"),

@@ -161,7 +161,8 @@ def run_chapter(source: pathlib.Path, python: pathlib.Path, workdir: pathlib.Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--notebooks", nargs="+", type=pathlib.Path, default=DEFAULT_NOTEBOOKS,
                         help="chapters to run (default: 01_glance and 08_inference)")
     parser.add_argument("--workdir", type=pathlib.Path,
