@@ -89,8 +89,7 @@ def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (set, frozenset, list, tuple)):
-        return type(x)(_plain(v) for v in x) if not isinstance(x, frozenset) else {
-            _plain(v) for v in x}
+        return type(x)(_plain(v) for v in x)
     if getattr(x, "shape", None) == () and hasattr(x, "item"):
         return x.item()
     return x
@@ -164,9 +163,9 @@ def _number_matches(exercise: str, entry: dict, answer: Any) -> tuple[bool, str]
 
     if same(answer):
         return True, ""
+    scaled = (_scaled(answer, k, rel_tol) for k in range(-12, 13) if k)
     # the power of ten is hinted at only where it cannot give a small count away
-    if any(same(y) for k in range(-12, 13) if k
-           for y in [_scaled(answer, k, rel_tol)] if rel_tol or abs(y) >= 100):
+    if any(same(y) for y in scaled if rel_tol or abs(y) >= 100):
         return False, "the digits look right but the power of ten is off (units?)"
     if answer and same(-answer):
         return False, "check the sign"
@@ -205,10 +204,12 @@ def _matches(exercise: str, entry: dict, answer: Any) -> tuple[bool, str]:
     # a tuple: each item on its own
     if not isinstance(answer, (tuple, list)) or len(answer) != len(entry["items"]):
         return False, f"the answer is a tuple of {len(entry['items'])} items"
-    wrong = [(i, hint) for i, (e, x) in enumerate(zip(entry["items"], answer), 1)
-             for ok, hint in [_matches(f"{exercise}[{i - 1}]", e, x)] if not ok]
-    return not wrong, "; ".join(f"item {i} is off" + (f": {hint}" if hint else "")
-                                for i, hint in wrong)
+    wrong = []
+    for i, (item, x) in enumerate(zip(entry["items"], answer)):
+        ok, hint = _matches(f"{exercise}[{i}]", item, x)
+        if not ok:
+            wrong.append(f"item {i + 1} is off" + (f": {hint}" if hint else ""))
+    return not wrong, "; ".join(wrong)
 
 
 @functools.lru_cache(maxsize=1)

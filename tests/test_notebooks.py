@@ -180,7 +180,6 @@ def test_chapter_9_runs_without_triton(executor, tmp_path, monkeypatch):
     """macOS and Windows have no Triton: chapter 9's reference cells run there, and each cell marked
     %%needs_triton says that it is skipped instead of failing."""
     import nbformat
-    from nbclient import NotebookClient
 
     blocker = tmp_path / "no_triton" / "triton"
     blocker.mkdir(parents=True)
@@ -191,9 +190,7 @@ def test_chapter_9_runs_without_triton(executor, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     path = ROOT / "notebooks" / "09_kernels.ipynb"
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",  # raises on a cell's error
-                   kernel_manager_class=executor.CurrentEnvironmentKernel,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    executor.run(nb, path.parent)  # raises on a cell's error
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = ["".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in c.outputs)
             for c in code]

@@ -70,24 +70,32 @@ import otter
 grader = otter.Notebook("{name}.ipynb")"""
 
 
+def _base(number: str) -> str:
+    """An exercise's number without its part letter: "4" for "4", "4a" or "2.4b"'s "4b"."""
+    return re.match(r"\d+", number).group()
+
+
 def exercises(nb) -> list[dict]:
-    """The chapter's exercises in order: {"number", "cell" (index of its markdown cell), "solution" (code),
-    "check_cell" (index, or None for a discussion), "checks" [(id, answer variable)]}."""
+    """The chapter's exercises in order: {"number", "cell" (index of its markdown cell), "question" (that
+    cell without its solution), "details" (the solution block), "solution" (its code), "check_cell"
+    (index, or None for a discussion), "checks" [(id, answer variable)]}."""
     found = []
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "markdown" and EXERCISE.match(cell.source):
+        exercise = EXERCISE.match(cell.source) if cell.cell_type == "markdown" else None
+        if exercise:
             details = DETAILS.search(cell.source)
             if details is None:
-                raise ValueError(f"exercise {EXERCISE.match(cell.source).group(1)} (cell {i}) has no "
+                raise ValueError(f"exercise {exercise.group(1)} (cell {i}) has no "
                                  "<details><summary>Solution</summary> block")
-            found.append({"number": EXERCISE.match(cell.source).group(1), "cell": i,
+            found.append({"number": exercise.group(1), "cell": i,
+                          "question": DETAILS.sub("\n", cell.source).strip(),
+                          "details": details.group(0).strip(),
                           "solution": "\n".join(PYTHON_BLOCK.findall(details.group(0))).strip(),
                           "check_cell": None, "checks": []})
         elif cell.cell_type == "code" and CHECK.search(cell.source):
             checks = [(m["id"], m["answer"]) for m in CHECK.finditer(cell.source)]
             number = found[-1]["number"] if found else None
-            if number is None or any(re.sub(r"[a-z]$", "", ex.split(".", 1)[1]) != number.rstrip("abc")
-                                     for ex, _ in checks):
+            if number is None or any(_base(ex.split(".", 1)[1]) != _base(number) for ex, _ in checks):
                 raise ValueError(f"cell {i}: checks {[ex for ex, _ in checks]} follow exercise {number}: a "
                                  "check cell comes after its own exercise, before the next one")
             if found[-1]["check_cell"] is not None:
@@ -120,16 +128,13 @@ def master_notebook(nb, name: str):
             cell.outputs, cell.execution_count = [], None
         if i in found:
             e = found[i]
-            details = DETAILS.search(cell.source).group(0).strip()
-            question = DETAILS.sub("\n", cell.source).strip()
             graded = e["check_cell"] is not None
             header = (f"# BEGIN QUESTION\nname: {question_name(name, e['number'])}\n"
                       + ("points: 1" if graded else "manual: true\npoints: 0"))
-            cells += [raw(header), md(question)]
-            if not graded:
-                cells += [raw("# BEGIN SOLUTION"), md(details), raw("# END SOLUTION"), raw("# END QUESTION")]
-            else:
-                e["details"] = details
+            cells += [raw(header), md(e["question"])]
+            if not graded:  # the question closes here; a graded one closes after its check cell
+                cells += [raw("# BEGIN SOLUTION"), md(e["details"]), raw("# END SOLUTION"),
+                          raw("# END QUESTION")]
             continue
         if i in by_check:
             e = by_check[i]
@@ -155,13 +160,12 @@ def slides(nb, out: pathlib.Path) -> None:
     from nbconvert import SlidesExporter
 
     deck = copy.deepcopy(nb)
-    for i, cell in enumerate(deck.cells):
+    for cell in deck.cells:
         kind = "skip"
         if cell.cell_type == "markdown":
             cell.source = DETAILS.sub("\n", cell.source)
             heading = re.match(r"#+ ", cell.source)
-            kind = ({"# ": "slide", "## ": "slide", "### ": "subslide"}.get(heading.group(0), "-")
-                    if heading else "-")
+            kind = {"# ": "slide", "## ": "slide", "### ": "subslide"}.get(heading and heading.group(0), "-")
         elif cell.cell_type == "code" and any("image/png" in o.get("data", {}) for o in cell.outputs):
             cell.outputs = [o for o in cell.outputs if "image/png" in o.get("data", {})]
             kind = "subslide"
@@ -193,13 +197,19 @@ def build(notebooks: list[pathlib.Path], out: pathlib.Path) -> None:
         print(f"{name}: student, autograder and slides written", flush=True)
 
 
-def write_key() -> pathlib.Path:
+def key_from_answers() -> dict:
+    """The answer key of tools/exercise_answers.py's answers (digests only)."""
     from exercise_answers import ANSWERS
 
-    from dsv3_lite.exercises import KEY_PATH, key_entry
+    from dsv3_lite.exercises import key_entry
 
-    key = {exercise: key_entry(exercise, a.value, a.rel_tol, a.traps) for exercise, a in ANSWERS.items()}
-    KEY_PATH.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return {exercise: key_entry(exercise, a.value, a.rel_tol, a.traps) for exercise, a in ANSWERS.items()}
+
+
+def write_key() -> pathlib.Path:
+    from dsv3_lite.exercises import KEY_PATH
+
+    KEY_PATH.write_text(json.dumps(key_from_answers(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return KEY_PATH
 
 

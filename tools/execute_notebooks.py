@@ -59,13 +59,19 @@ def merge_streams(outputs: list) -> list:
     return merged
 
 
+def run(nb, folder: pathlib.Path) -> None:
+    """Execute `nb` in place, top to bottom in a fresh kernel of this interpreter started in `folder`;
+    a cell's error is raised. The kernel inherits this process's environment."""
+    NotebookClient(nb, timeout=900, kernel_name="python3", kernel_manager_class=CurrentEnvironmentKernel,
+                   resources={"metadata": {"path": str(folder)}}).execute()
+
+
 def execute(path: pathlib.Path) -> float:
     nb = nbformat.read(path, as_version=4)
     stamp(nb, path)
     os.environ.update(KERNEL_ENV)  # the kernel inherits it
     start = time.perf_counter()
-    NotebookClient(nb, timeout=900, kernel_name="python3", kernel_manager_class=CurrentEnvironmentKernel,
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    run(nb, path.parent)
     elapsed = time.perf_counter() - start
     for cell in nb.cells:
         cell.metadata.pop("execution", None)  # keep diffs small: no per-cell timing metadata
