@@ -1,8 +1,8 @@
 """The Triton kernels of dsv3_lite.kernels on a GPU: throughput beside a PyTorch baseline and beside the
 published H800 anchors.
 
-    python benchmarks/kernels.py                 # V3-like shapes
-    python benchmarks/kernels.py --small         # quick shapes
+    python benchmarks/triton_kernels.py                 # V3-like shapes
+    python benchmarks/triton_kernels.py --small         # quick shapes
 
 Per kernel: time (triton.testing.do_bench, median ms), the useful work it does per call (FLOPs or bytes
 moved), TFLOP/s or GB/s, the PyTorch baseline on the same problem (BF16 matmul for the GEMMs,
