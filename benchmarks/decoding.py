@@ -17,7 +17,8 @@ Two parts, on the checkpoint's own weights:
    (`dsv3_lite.hf.to_hf`), at batch 1 and `--batch`, with each attention and experts implementation, its
    fastest named. Each figure is the fastest of `--reps` calls in CPU time (which does not grow when other
    programs share the cores), the candidates called in turn. Also checks that transformers' greedy tokens
-   equal ours.
+   equal ours. Part 2 repeats `--runs` times (default 3) and closes with the median and range over the runs of
+   each figure, with the machine it ran on (the book quotes these).
 
 The speculative speed-up is tokens per forward times (a plain step's time / a speculative step's time): a
 speculative step adds the MTP blocks and a main-model forward over 1 + D tokens, so the speed-up approaches
@@ -42,7 +43,7 @@ from dsv3_lite.client import Client  # noqa: E402
 from dsv3_lite.data import QUESTION, build_documents, final_answer, held_out_questions  # noqa: E402
 from dsv3_lite.generate import generate  # noqa: E402
 from dsv3_lite.hf import to_hf  # noqa: E402
-from dsv3_lite.timing import best_of  # noqa: E402
+from dsv3_lite.timing import best_of, machine, spread  # noqa: E402
 
 def answers(client: Client, questions, depth: int) -> tuple[list[str], list[int], list[int], int, int]:
     """Greedy answers to each question alone (depth 0: plain); the drafts checked and accepted per depth,
@@ -90,7 +91,8 @@ def same_length(tokenizer, questions, batch: int) -> torch.Tensor:
     return torch.tensor(rows[:batch])
 
 
-def part_speed(model, tokenizer, questions, opts) -> None:
+def speed_run(model, tokenizer, questions, opts) -> dict[tuple[str, int], tuple[float, float, float]]:
+    """One run of part 2: {(decoding, batch): (tokens/s, vs plain, vs transformers' fastest)}."""
     hf = to_hf(model)
     hf.generation_config.eos_token_id = None  # both sides decode exactly new_tokens tokens
     hf.generation_config.pad_token_id = tokenizer.eot_id
@@ -126,12 +128,11 @@ def part_speed(model, tokenizer, questions, opts) -> None:
                 sys.exit(f"FAIL: {name} decoded other greedy tokens than ours")
         return seconds
 
-    print(f"\n2. greedy decoding of {new} tokens; fastest of {opts.reps} in CPU time, "
-          f"{torch.get_num_threads()} thread(s)")
     single = [run(p) for p in prompts]
     measured = [(1, len(prompts), {name: sum(s[name] for s in single) for name in single[0]}),
                 (opts.batch, opts.batch, run(batched))]
     print(f"{'decoding':<34s} {'batch':>5s} {'tokens/s':>9s} {'vs plain':>8s} {'vs transformers':>15s}")
+    figures = {}
     for batch, sequences, seconds in measured:
         speed = {name: sequences * new / s for name, s in seconds.items()}
         fastest = max(SETTINGS, key=speed.get)
@@ -139,11 +140,29 @@ def part_speed(model, tokenizer, questions, opts) -> None:
             label = f"transformers {name}" if name in SETTINGS else name
             print(f"{label:<34s} {batch:>5d} {speed[name]:>9.0f} {speed[name] / speed['plain']:>7.2f}x "
                   f"{speed[name] / speed[fastest]:>14.2f}x")
+            key = "transformers (fastest)" if name in SETTINGS else name
+            figures[key, batch] = (speed[name], speed[name] / speed["plain"], speed[name] / speed[fastest])
     print("transformers per setting (attention/experts), tokens/s at batch 1 and "
           f"{opts.batch}: " + "; ".join(
               f"{s} " + " / ".join(f"{n * new / seconds[s]:.0f}" for _, n, seconds in measured)
               for s in SETTINGS))
     print("greedy tokens identical to transformers' in every setting: True")
+    return figures
+
+
+def part_speed(model, tokenizer, questions, opts) -> None:
+    """Part 2, `--runs` times, then each figure's median and range over the runs."""
+    runs = []
+    for run in range(1, opts.runs + 1):
+        print(f"\n2. run {run}: greedy decoding of {opts.new_tokens} tokens; fastest of {opts.reps} in CPU time, "
+              f"{torch.get_num_threads()} thread(s)")
+        runs.append(speed_run(model, tokenizer, questions, opts))
+    print(f"\nmedian [min, max] over {opts.runs} run(s) ({machine()})")
+    for key in runs[0]:
+        name, batch = key
+        values = [[r[key][i] for r in runs] for i in range(3)]
+        print(f"{name:<22s} batch {batch:<2d} {spread(values[0], ',.0f'):>17s} tokens/s, vs plain "
+              f"{spread(values[1])}, vs transformers {spread(values[2])}")
 
 
 def main() -> None:
@@ -156,12 +175,14 @@ def main() -> None:
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--reps", type=positive_int, default=3, help="timed calls each; the fastest counts")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="repeats of part 2; median and range")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
     client = Client(opts.checkpoint)
     model, tokenizer = client.model, client.tokenizer
     a = model.args
+    print(f"machine: {machine()}")
     print(f"{opts.checkpoint.name}: {a.n_layers} layers, dim {a.dim}, {a.n_routed_experts} routed experts (top "
           f"{a.n_activated_experts}), {len(model.mtp)} MTP modules, vocab {a.vocab_size}; "
           f"{model.num_params(mtp=True):,d} parameters; torch {torch.__version__}")

@@ -16,7 +16,8 @@ Two measurements:
    transformers runs with every attention / experts implementation that trains (benchmarks/vs_transformers.py)
    and its fastest is compared. Ratio = theirs / ours: > 1 means dsv3_lite is faster.
 
-Nothing is asserted: the figures are printed.
+Both repeat `--runs` times (default 3) and close with the median and range over the runs of each figure, with
+the machine they ran on (the book quotes these). Nothing is asserted: the figures are printed.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from dsv3_lite import ModelArgs
 from dsv3_lite.data import Corpus, build_documents
 from dsv3_lite.hf import from_hf
 from dsv3_lite.model import Transformer
-from dsv3_lite.timing import best_of
+from dsv3_lite.timing import best_of, machine, spread
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.train import PRESETS
 from dsv3_lite.trainer import Trainer, TrainArgs
@@ -54,11 +55,11 @@ def hf_fields(args: ModelArgs) -> dict:
 def trainer_tokens_per_s(args: ModelArgs, corpus: Corpus, precision: str, opts: argparse.Namespace) -> float:
     torch.manual_seed(0)
     model = Transformer(args)
-    steps = opts.steps + 2
+    steps = opts.steps + 3  # two warm-up steps, the timed ones, and a last step that is not run (it evaluates)
     run = TrainArgs(steps=steps, seq_len=opts.seq_len, batch_size=opts.batch, batch_size_start=opts.batch,
                     warmup_steps=1, precision=precision)
     trainer = Trainer(model, corpus, run, progress=False)
-    trainer.train(until=steps - 1)  # the last step would also evaluate
+    trainer.train(until=steps - 1)
     return statistics.median(trainer.history.tokens_per_s[2:])
 
 
@@ -100,33 +101,50 @@ def main() -> None:
     parser.add_argument("--reps", type=vs.positive_int, default=5, help="same-step calls each; the fastest counts")
     parser.add_argument("--batch", type=vs.positive_int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=vs.positive_int, default=128)
+    parser.add_argument("--runs", type=vs.positive_int, default=3, help="whole measurements; median and range")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    print(f"torch {torch.__version__}, transformers {sys.modules['transformers'].__version__}, "
-          f"{torch.get_num_threads()} thread(s); batch {opts.batch} x {opts.seq_len} tokens")
+    print(f"transformers {sys.modules['transformers'].__version__}; batch {opts.batch} x {opts.seq_len} tokens")
+    print(f"machine: {machine()}")
 
     documents = build_documents(1000)
-    presets = {name: PRESETS[name]() for name in opts.presets}
-    print(f"\n1. Trainer tokens/s (whole recipe, median of {opts.steps} steps)")
-    print(f"{'preset':8s} {'params':>10s} {'FP32':>8s} {'BF16':>8s}")
-    for name, args in presets.items():
+    presets = {}
+    for name in opts.presets:
+        args = PRESETS[name]()
         tokenizer = BPETokenizer.train((d.text for d in documents), args.vocab_size)
         args = args.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(args.max_seq_len, opts.seq_len))
-        corpus = Corpus(documents, tokenizer=tokenizer, fim_rate=0.1)
-        speed = [trainer_tokens_per_s(args, corpus, p, opts) for p in ("fp32", "bf16")]
-        n_params = Transformer(args).num_params(mtp=True)
-        print(f"{name:8s} {n_params:>10,d} {speed[0]:>8,.0f} {speed[1]:>8,.0f}", flush=True)
+        presets[name] = args, Corpus(documents, tokenizer=tokenizer, fim_rate=0.1)
+    speeds = {(name, p): [] for name in presets for p in ("fp32", "bf16")}
+    ratios = {name: [] for name in presets}
+    for run in range(1, opts.runs + 1):
+        print(f"\nrun {run}. 1. Trainer tokens/s (whole recipe, median of {opts.steps} steps)")
+        print(f"{'preset':8s} {'params':>10s} {'FP32':>8s} {'BF16':>8s}")
+        for name, (args, corpus) in presets.items():
+            for p in ("fp32", "bf16"):
+                speeds[name, p].append(trainer_tokens_per_s(args, corpus, p, opts))
+            n_params = Transformer(args).num_params(mtp=True)
+            print(f"{name:8s} {n_params:>10,d} {speeds[name, 'fp32'][-1]:>8,.0f} {speeds[name, 'bf16'][-1]:>8,.0f}",
+                  flush=True)
 
-    print(f"\n2. The same step (forward, cross-entropy, backward, AdamW; no MTP), fastest of {opts.reps}")
-    print(f"{'preset':8s} {'params':>10s} {'ours ms':>8s} {'theirs':>8s} {'ratio':>6s} {'ours tok/s':>11s} "
-          f"{'same loss':>9s}  transformers' fastest")
-    for name, args in presets.items():
-        r = same_step(name, args.replace(mtp_depth=0), opts)
-        print(f"{name:8s} {r['params']:>10,d} {1e3 * r['ours']:>8.1f} {1e3 * r['theirs']:>8.1f} "
-              f"{r['theirs'] / r['ours']:>6.2f} {opts.batch * opts.seq_len / r['ours']:>11,.0f} "
-              f"{str(r['same']):>9s}  {r['setting']}", flush=True)
+        print(f"\nrun {run}. 2. The same step (forward, cross-entropy, backward, AdamW; no MTP), fastest of "
+              f"{opts.reps}")
+        print(f"{'preset':8s} {'params':>10s} {'ours ms':>8s} {'theirs':>8s} {'ratio':>6s} {'ours tok/s':>11s} "
+              f"{'same loss':>9s}  transformers' fastest")
+        for name, (args, _) in presets.items():
+            r = same_step(name, args.replace(mtp_depth=0), opts)
+            ratios[name].append(r["theirs"] / r["ours"])
+            print(f"{name:8s} {r['params']:>10,d} {1e3 * r['ours']:>8.1f} {1e3 * r['theirs']:>8.1f} "
+                  f"{ratios[name][-1]:>6.2f} {opts.batch * opts.seq_len / r['ours']:>11,.0f} "
+                  f"{str(r['same']):>9s}  {r['setting']}", flush=True)
     print("(ratio = transformers' time / ours: > 1 means dsv3_lite is faster)")
+
+    print(f"\nmedian [min, max] over {opts.runs} run(s) ({machine()})")
+    for name in presets:
+        fp32, bf16 = speeds[name, "fp32"], speeds[name, "bf16"]
+        print(f"{name}: trainer tokens/s FP32 {spread(fp32, ',.0f')}; BF16 {spread(bf16, ',.0f')}")
+        print(f"{' ' * len(name)}  BF16 / FP32 {spread([b / f for b, f in zip(bf16, fp32)])}; "
+              f"same step, transformers / ours {spread(ratios[name])}")
 
 
 if __name__ == "__main__":

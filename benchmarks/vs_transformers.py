@@ -18,6 +18,8 @@ transformers' settings called alternately:
 transformers is run with each attention implementation (eager, sdpa) and each experts implementation
 (eager, grouped_mm, batched_mm; batched_mm not for training, where it is 10-30x slower); every column
 compares against transformers' fastest setting, which is named.
+The whole measurement repeats `--runs` times (default 3), and the ratios close with their median and range
+over the runs, as the book quotes them, with the machine they ran on.
 Ratios are theirs / ours: > 1 means dsv3_lite is faster. Nothing is asserted, except that the script exits
 with status 1 if the greedy tokens of the two models differ.
 """
@@ -36,7 +38,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 import dsv3_lite
 from dsv3_lite.generate import generate
 from dsv3_lite.hf import from_hf
-from dsv3_lite.timing import best_of
+from dsv3_lite.timing import best_of, machine, spread
 
 # transformers config fields per size, on top of COMMON (one dense layer first, one shared expert).
 COMMON = dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
@@ -173,35 +175,45 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per prompt")
     parser.add_argument("--prompt-len", type=positive_int, default=32)
     parser.add_argument("--batch", type=positive_int, default=4, help="sequences per train step and decode")
+    parser.add_argument("--runs", type=positive_int, default=3, help="whole measurements; median and range")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
 
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    print(f"dsv3_lite from {dsv3_lite.__file__}; torch {torch.__version__}, transformers "
-          f"{sys.modules['transformers'].__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"dsv3_lite from {dsv3_lite.__file__}; transformers {sys.modules['transformers'].__version__}")
+    print(f"machine: {machine()}")
     print(f"train step: batch {opts.batch} x {opts.prompt_len + opts.new_tokens} tokens; decode: batch "
           f"{opts.batch}, prompt {opts.prompt_len}, {opts.new_tokens} new tokens; fastest of {opts.reps}")
     for size in opts.sizes:
         print(describe(size))
-    rows = []
-    for size in opts.sizes:
-        r = measure(size, opts)
-        rows.append(r)
-        print(f"\n{size}: transformers per setting (attention/experts): train ms, decode tok/s")
-        for s in SETTINGS:
-            train = f"{1e3 * r['train_s'][s]:8.1f}" if s in r["train_s"] else f"{'-':>8s}"
-            print(f"  {s:<18s} {train} {opts.batch * opts.new_tokens / r['decode_s'][s]:8.1f}", flush=True)
+    runs = []
+    for run in range(1, opts.runs + 1):
+        rows = []
+        for size in opts.sizes:
+            r = measure(size, opts)
+            rows.append(r)
+            print(f"\nrun {run}, {size}: transformers per setting (attention/experts): train ms, decode tok/s")
+            for s in SETTINGS:
+                train = f"{1e3 * r['train_s'][s]:8.1f}" if s in r["train_s"] else f"{'-':>8s}"
+                print(f"  {s:<18s} {train} {opts.batch * opts.new_tokens / r['decode_s'][s]:8.1f}", flush=True)
 
-    print(f"\n{'size':<6s} {'params':>10s} {'train ms':>8s} {'theirs':>7s} {'ratio':>6s}  "
-          f"{'decode tok/s':>12s} {'theirs':>7s} {'ratio':>6s}  {'same tokens':>11s}  "
-          f"transformers' fastest (train; decode)")
-    for r in rows:
-        (t_ours, t_hf, t_set), (d_ours, d_hf, d_set) = r["train"], r["decode"]
-        print(f"{r['size']:<6s} {r['params']:>10,d} {1e3 * t_ours:>8.1f} {1e3 * t_hf:>7.1f} "
-              f"{t_hf / t_ours:>6.2f}  {d_ours:>12.1f} {d_hf:>7.1f} {d_ours / d_hf:>6.2f}  "
-              f"{str(r['same']):>11s}  {t_set}; {d_set}")
+        print(f"\nrun {run}")
+        print(f"{'size':<6s} {'params':>10s} {'train ms':>8s} {'theirs':>7s} {'ratio':>6s}  "
+              f"{'decode tok/s':>12s} {'theirs':>7s} {'ratio':>6s}  {'same tokens':>11s}  "
+              f"transformers' fastest (train; decode)")
+        for r in rows:
+            (t_ours, t_hf, t_set), (d_ours, d_hf, d_set) = r["train"], r["decode"]
+            print(f"{r['size']:<6s} {r['params']:>10,d} {1e3 * t_ours:>8.1f} {1e3 * t_hf:>7.1f} "
+                  f"{t_hf / t_ours:>6.2f}  {d_ours:>12.1f} {d_hf:>7.1f} {d_ours / d_hf:>6.2f}  "
+                  f"{str(r['same']):>11s}  {t_set}; {d_set}")
+        runs.append(rows)
     print("(train ms and decode tok/s: ours, then theirs; ratio = theirs' time / ours, > 1: ours is faster)")
-    if not all(r["same"] for r in rows):
+    print(f"\nratio theirs / ours, median [min, max] over {opts.runs} run(s) ({machine()})")
+    for i, size in enumerate(opts.sizes):
+        train = [rows[i]["train"][1] / rows[i]["train"][0] for rows in runs]
+        decode = [rows[i]["decode"][0] / rows[i]["decode"][1] for rows in runs]
+        print(f"  {size:<6s} train step {spread(train)}; decoding {spread(decode)}")
+    if not all(r["same"] for rows in runs for r in rows):
         print("greedy tokens differ between dsv3_lite and transformers", file=sys.stderr)
         sys.exit(1)
 

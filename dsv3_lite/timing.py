@@ -9,8 +9,13 @@ printed, and tests check only the behaviour (order of calls, the minimum kept).
 """
 from __future__ import annotations
 
+import os
+import platform
+import statistics
 import time
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
+
+import torch
 
 
 def best_of(calls: Mapping[str, Callable[[], object]], reps: int = 10,
@@ -46,4 +51,26 @@ def best_of(calls: Mapping[str, Callable[[], object]], reps: int = 10,
     return best
 
 
-__all__ = ["best_of"]
+def spread(values: Iterable[float], fmt: str = ".2f") -> str:
+    """'median [min, max]' of `values` (one per run): how the book states a speed figure."""
+    values = list(values)
+    if not values:
+        raise ValueError("values is empty: give at least one measurement")
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+
+def machine() -> str:
+    """The machine a figure was measured on: CPU model, cores and torch threads; the GPU when there is one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    if torch.cuda.is_available():
+        text += f"; GPU {torch.cuda.get_device_name()}"
+    return f"{text}; torch {torch.__version__}"
+
+
+__all__ = ["best_of", "machine", "spread"]

@@ -2,7 +2,7 @@
 wall-clock values)."""
 import pytest
 
-from dsv3_lite.timing import best_of
+from dsv3_lite.timing import best_of, machine, spread
 
 
 class FakeClock:
@@ -73,3 +73,15 @@ def test_setup_runs_untimed_before_every_call():
     best = best_of(calls, reps=1, warmup=1, clock=clock, setup=setup)
     assert log == ["setup a", "a", "setup b", "b"] * 2
     assert best == {"a": 2.0, "b": 1.0}
+
+
+def test_spread_is_the_median_and_range():
+    assert spread([3.0, 1.0, 2.0, 10.0]) == "2.50 [1.00, 10.00]"
+    assert spread([1.234], fmt=".1f") == "1.2 [1.2, 1.2]"
+    with pytest.raises(ValueError, match="values is empty"):
+        spread([])
+
+
+def test_machine_names_the_threads_and_torch():
+    text = machine()
+    assert "torch thread(s)" in text and text.endswith(f"torch {__import__('torch').__version__}")
