@@ -12,11 +12,15 @@ book's corpus, a byte-level BPE tokenizer learned from it, and saves checkpoints
 
     python -m dsv3_lite.train --preset tiny --steps 2000 --seed 0 --out runs/tiny
     python -m dsv3_lite.train --out runs/tiny --resume         # continue a run
+    python -m dsv3_lite.train --out runs/tiny --resume --steps 3000  # extend it
     python -m dsv3_lite.train ... --export checkpoints/tiny    # + an inference copy
+    python -m dsv3_lite.train --out runs/tiny --export-only checkpoints/tiny
     torchrun --nproc_per_node 2 -m dsv3_lite.train --out runs/ddp ...  # DDP
 
-Every ModelArgs and TrainArgs field is an option (--dim 96, --lr 1e-3, ...);
-`python -m dsv3_lite.train --help` lists them.
+Every ModelArgs and TrainArgs field is an option (--dim 96, --lr 1e-3, ...), and the
+schedules' breakpoints can be given in tokens, as the report's are: a fraction of the
+run's tokens (--decay_start_tokens 0.676, the report's 10T of 14.8T) or a count
+(--batch_warmup_tokens 300K). `python -m dsv3_lite.train --help` lists them.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,7 +43,7 @@ from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.data import Corpus, Document, build_documents, read_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
-from dsv3_lite.trainer import (History, Trainer, TrainArgs,
+from dsv3_lite.trainer import (TOKEN_BREAKPOINTS, History, Trainer, TrainArgs,
                                _check_rate, _cross_entropy, _device_of, evaluate)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,6 +188,35 @@ PRESETS: dict[str, Callable[[], ModelArgs]] = {
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelArgs) if f.name != "fp8"]
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainArgs)]
 DATA_DEFAULTS = {"text": None, "docs_per_domain": 6000}
+TOKEN_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+SCHEDULES_HELP = (
+    "Every schedule is a function of step / --steps: the fractions above "
+    "(--decay_start 0.676, ...) are of the run's steps. The report gives its "
+    "breakpoints in tokens; a --NAME_tokens option places one by tokens instead, at "
+    "the first step by which the run has trained on that many (the batch ramp first, "
+    "as the run's tokens depend on it). --warmup_steps stays in steps, as in the "
+    "report. --resume --steps N extends a run to N steps: from the step reached on, "
+    "every schedule is that of an N-step run (so a finished run's learning rate may "
+    "rise again); resuming with the run's own --steps continues it bit for bit.")
+
+
+def _tokens(text: str) -> int | float:
+    """A --NAME_tokens value: a count (an integer, or a number with a K, M, B or T
+    suffix: 469B) or a fraction of the run's tokens (a number in [0, 1])."""
+    scale = TOKEN_SUFFIXES.get(text[-1:].upper())
+    number = text[:-1] if scale else text
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if scale or number.isdigit():
+        if math.isfinite(value) and value >= 0:
+            return round(value * (scale or 1))
+    elif 0 <= value <= 1:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a fraction of the run's tokens in [0, 1] nor a count "
+        "of tokens (an integer, or a number with K, M, B or T: 469B)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,11 +224,13 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m dsv3_lite.train",
         usage="%(prog)s --out DIR [--resume] [--preset {tiny,small}] [options]",
         description="Train a DeepSeek-V3-style model with the report's recipe on the "
-                    "book's corpus (or --text) and save a checkpoint in --out.")
+                    "book's corpus (or --text) and save a checkpoint in --out.",
+        epilog=SCHEDULES_HELP)
     parser.add_argument("--out", type=pathlib.Path, required=True,
                         help="checkpoint directory")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --out")
+                        help="continue the run saved in --out (with a larger "
+                             "--steps: extend it, see the end of this help)")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
                         help="model shape (tiny: ModelArgs.tiny with a 1,024-token "
                              "vocabulary; small: ModelArgs.small)")
@@ -204,9 +239,14 @@ def _parser() -> argparse.ArgumentParser:
                              "instead of the book's corpus")
     parser.add_argument("--docs-per-domain", type=int, default=argparse.SUPPRESS,
                         help="size of the book's corpus (default 6000)")
-    parser.add_argument("--export", type=pathlib.Path,
-                        help="at the end, also copy the checkpoint without its "
-                             "trainer state here (what inference needs)")
+    release = parser.add_mutually_exclusive_group()
+    release.add_argument("--export", type=pathlib.Path, metavar="DIR",
+                         help="at the end, also copy the checkpoint without its "
+                              "trainer state to DIR (a release: what inference "
+                              "needs); DIR must be new, empty or an earlier release")
+    release.add_argument("--export-only", type=pathlib.Path, metavar="DIR",
+                         help="train nothing: copy the checkpoint in --out to DIR "
+                              "as --export does, and stop")
     parser.add_argument("--save-every", type=int, default=0,
                         help="steps between checkpoints (default: at the end only)")
     parser.add_argument("--stop-at", type=int,
@@ -230,6 +270,14 @@ def _parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{f.name}", type=type(f.default),
                            default=argparse.SUPPRESS, metavar=f.name.upper(),
                            help=f"(default {f.default})")
+    tokens = parser.add_argument_group(
+        "schedules in tokens", "instead of the fraction of the same name: a fraction "
+        "of the run's tokens (0.676) or a count (300K, 2.5M, 50000); report 4.2: "
+        "batch 469B, decay 10T to 14.3T, final 14.633T, MTP 10T, gamma 14.3T "
+        "of 14.8T")
+    for name in TOKEN_BREAKPOINTS:
+        tokens.add_argument(f"--{name}_tokens", type=_tokens, metavar="TOKENS",
+                            default=argparse.SUPPRESS)
     return parser
 
 
@@ -264,23 +312,50 @@ def _check_unchanged(saved: dict[str, Any], given: dict[str, Any]) -> None:
                          "change them")
 
 
-def _setup(opts: argparse.Namespace, device: torch.device):
-    """(model, tokenizer, TrainArgs, data options, documents, trainer state or None)
-    of a new run, or of the run saved in --out with --resume."""
+class _Setup(NamedTuple):
+    """A new run, or the run saved in --out with --resume (then `state` is its
+    trainer state, and `saved_steps` the steps it was saved with)."""
+
+    model: Transformer
+    tokenizer: BPETokenizer
+    train_args: TrainArgs
+    data: dict[str, Any]
+    documents: list[Document]
+    state: dict[str, Any] | None = None
+    saved_steps: int | None = None
+
+
+def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
     given = vars(opts)
     model_given = {k: given[k] for k in MODEL_FIELDS if k in given}
     train_given = {k: given[k] for k in TRAIN_FIELDS if k in given}
     data_given = {k: given[k] for k in DATA_DEFAULTS if k in given}
+    tokens_given = {k: given[f"{k}_tokens"] for k in TOKEN_BREAKPOINTS
+                    if f"{k}_tokens" in given}
+    both = [k for k in tokens_given if k in train_given]
+    if both:
+        raise ValueError(f"--{both[0]} and --{both[0]}_tokens set the same "
+                         "breakpoint: give one of them")
     if opts.resume:
+        if tokens_given:
+            raise ValueError(f"--{next(iter(tokens_given))}_tokens: a resumed run "
+                             "keeps the breakpoints it was saved with")
         saved = load_checkpoint(opts.out, device)
         if saved.trainer_state is None:
             raise ValueError(f"{opts.out} holds no trainer state to resume (a "
                              "copy made for inference?)")
+        steps = train_given.pop("steps", saved.train_args.steps)
         _check_unchanged(dataclasses.asdict(saved.model.args), model_given)
         _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
         _check_unchanged(saved.data, data_given)
-        return (saved.model, saved.tokenizer, saved.train_args, saved.data,
-                _documents(saved.data), saved.trainer_state)
+        taken = saved.trainer_state["step"]
+        if steps < taken:
+            raise ValueError(f"--steps ({steps}) must be >= the {taken} steps the "
+                             f"run in {opts.out} has taken")
+        return _Setup(saved.model, saved.tokenizer,
+                      saved.train_args.replace(steps=steps), saved.data,
+                      _documents(saved.data), saved.trainer_state,
+                      saved.train_args.steps)
     if (opts.out / "config.json").exists():
         raise ValueError(f"{opts.out} already holds a checkpoint: add --resume to "
                          "continue it, or choose another --out")
@@ -290,6 +365,11 @@ def _setup(opts: argparse.Namespace, device: torch.device):
         data_given["text"] = str(pathlib.Path(data_given["text"]).resolve())
     data = {**DATA_DEFAULTS, **data_given}
     train_args = TrainArgs(**train_given)
+    try:
+        train_args = train_args.in_tokens(**tokens_given)
+    except ValueError as err:
+        options = ", ".join(f"--{k}_tokens" for k in tokens_given)
+        raise ValueError(f"{options}: {err}") from None
     args = PRESETS[opts.preset]().replace(fp8=train_args.precision == "fp8",
                                           **model_given)
     documents = _documents(data)
@@ -300,7 +380,60 @@ def _setup(opts: argparse.Namespace, device: torch.device):
         args = args.replace(vocab_size=tokenizer.vocab_size)
     torch.manual_seed(train_args.seed)
     model = Transformer(args).to(device)  # drawn on the CPU, the same everywhere
-    return model, tokenizer, train_args, data, documents, None
+    return _Setup(model, tokenizer, train_args, data, documents)
+
+
+def _is_release(directory: pathlib.Path) -> bool:
+    """Whether `directory` holds an exported checkpoint (no trainer state)."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("trainer_state") is False
+            and not (directory / "trainer_state.pt").exists())
+
+
+def _check_release_target(option: str, target: pathlib.Path,
+                          out: pathlib.Path) -> None:
+    """Exporting replaces files in `target`: it must be new, empty or a release."""
+    if target.resolve() == out.resolve():
+        raise ValueError(f"{option} ({target}) must differ from --out")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{option} ({target}) is a file, not a directory")
+    if target.is_dir() and any(target.iterdir()) and not _is_release(target):
+        raise ValueError(f"{option} ({target}) is a non-empty directory that is not "
+                         "a release (an exported checkpoint, without trainer state): "
+                         "exporting would overwrite its files; choose a new or empty "
+                         "directory")
+
+
+def _warmup_warning(args: TrainArgs) -> str | None:
+    if args.warmup_steps > args.steps:
+        return (f"warning: --warmup_steps ({args.warmup_steps}) is longer than the "
+                f"run ({args.steps} steps): the learning rate warms up over all "
+                f"{args.steps} steps and reaches --lr ({args.lr:g}) only at the last")
+    return None
+
+
+def _export_only(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--export-only: copy the checkpoint in --out to a release, train nothing."""
+    names = {action.dest: action.option_strings[0] for action in parser._actions}
+    options = [names[k] for k, v in vars(opts).items()
+               if k not in ("out", "export_only", "preset") and v not in (None, False)
+               and not (k == "save_every" and v == 0)]
+    if options:
+        parser.error(f"--export-only trains nothing: drop {', '.join(options)}")
+    try:
+        _check_release_target("--export-only", opts.export_only, opts.out)
+        saved = load_checkpoint(opts.out)
+        export(opts.out, opts.export_only)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    step = saved.trainer_state["step"] if saved.trainer_state else None
+    where = (f"step {step} of {saved.train_args.steps}" if step is not None
+             else "a release")
+    print(f"exported {opts.out} ({where}) without its trainer state, for "
+          f"inference: {opts.export_only}")
 
 
 def _describe(trainer: Trainer, tokenizer: BPETokenizer, out: pathlib.Path) -> str:
@@ -331,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     """The command line (see the module docstring and --help)."""
     parser = _parser()
     opts = parser.parse_args(argv)
+    if opts.export_only:
+        return _export_only(opts, parser)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     rank, world_size, device = _start_processes(opts.device)
@@ -345,24 +480,38 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
          world_size: int, device: torch.device) -> None:
     say = print if rank == 0 else (lambda *_, **__: None)
     try:
-        model, tokenizer, train_args, data, documents, state = _setup(opts, device)
+        if opts.export:
+            _check_release_target("--export", opts.export, opts.out)
+        run = _setup(opts, device)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
-    corpus = Corpus(documents, tokenizer=tokenizer,
+    model, tokenizer, train_args = run.model, run.tokenizer, run.train_args
+    data = run.data
+    corpus = Corpus(run.documents, tokenizer=tokenizer,
                     fim_rate=train_args.fim_rate, seed=train_args.seed)
     trainer = Trainer(model, corpus, train_args)
-    if state is not None:
-        trainer.load_state_dict(state)
+    if run.state is not None:
+        trainer.load_state_dict(run.state)
         say(f"resuming {opts.out} at step {trainer.step} of {train_args.steps}")
+    if run.saved_steps not in (None, train_args.steps):
+        lr = trainer.history.lr
+        say(f"extended from {run.saved_steps} to {train_args.steps} steps: from step "
+            f"{trainer.step + 1} on, the schedules are those of a run of "
+            f"{train_args.steps} steps"
+            + (f" (learning rate {lr[-1]:.3g} at step {trainer.step}, "
+               f"{train_args.lr_at(trainer.step):.3g} at step {trainer.step + 1})"
+               if lr else ""))
     if trainer.step >= train_args.steps:
         parser.error(f"the run in {opts.out} is complete (step {trainer.step} of "
-                     f"{train_args.steps}): nothing to resume")
-    if opts.export and opts.export.resolve() == opts.out.resolve():
-        parser.error(f"--export ({opts.export}) must differ from --out")
+                     f"{train_args.steps}): nothing to resume; a larger --steps "
+                     "extends it")
     stop = train_args.steps if opts.stop_at is None else opts.stop_at
     if not trainer.step < stop <= train_args.steps:
         parser.error(f"--stop-at ({stop}) must be > the step reached "
                      f"({trainer.step}) and <= --steps ({train_args.steps})")
+    warning = _warmup_warning(train_args)
+    if warning and rank == 0:
+        print(warning, file=sys.stderr)
     say(_describe(trainer, tokenizer, opts.out))
 
     def save() -> None:

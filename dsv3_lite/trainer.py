@@ -16,14 +16,19 @@ One optimizer step:
               step's expert load summed over all processes (so every process
               moves its biases alike); gamma drops to 0 for the last part
 
-Every schedule is a method of `TrainArgs`, a function of the step. The report gives
-its breakpoints in tokens of a 14.8T-token run; here they are fractions of the run's
-steps (10T of 14.8T tokens: 0.676). The run is deterministic on a CPU for a seed and
-thread count, and `Trainer.state_dict` holds all that a resumed run needs to continue
-bit for bit. `evaluate` and `History` also serve the chapters' `train.train_lm`.
+Every schedule is a method of `TrainArgs`, a function of the step and of the run's
+length `steps`. The report gives its breakpoints in tokens of a 14.8T-token run; here
+they are fractions of the run's steps (10T of 14.8T tokens: 0.676), and
+`TrainArgs.in_tokens` places them by tokens instead, at the first step by which the
+run has trained on that many. A run extended to more steps (`replace(steps=...)` on
+resuming) follows from then on the schedules of a run of the new length. The run is
+deterministic on a CPU for a seed and thread count, and `Trainer.state_dict` holds
+all that a resumed run needs to continue bit for bit. `evaluate` and `History` also
+serve the chapters' `train.train_lm`.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import os
@@ -184,7 +189,9 @@ class TrainArgs:
     """Hyper-parameters of a pre-training run, with the report's values (4.2) where
     they carry over to a toy run (frozen: change a field with `replace`, which
     validates). Fractions are of the run's `steps`; the report's are of its 14.8T
-    tokens.
+    tokens (`in_tokens` sets them from token counts or fractions of the run's
+    tokens). Each schedule is a function of step / steps: a run extended to more
+    steps continues on the schedules of a run of its new length.
 
     Run
         steps: optimizer steps of the whole run (the schedules' horizon).
@@ -295,6 +302,66 @@ class TrainArgs:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def _token_counts(self) -> list[int]:
+        """Tokens trained on before each step 0 .. steps (the last: the whole run)."""
+        counts = [0]
+        for step in range(self.steps):
+            counts.append(counts[-1] + self.batch_size_at(step) * self.seq_len)
+        return counts
+
+    def in_tokens(self, **breakpoints: int | float) -> "TrainArgs":
+        """A copy with schedule breakpoints given in tokens, as the report gives
+        them: keywords from TOKEN_BREAKPOINTS, each an int (a count of tokens, e.g.
+        469 * 10**9) or a float in [0, 1] (a fraction of the run's tokens).
+
+        A breakpoint falls on the first step before which the run has trained on
+        that many tokens (schedules change between steps) and is stored as that
+        step / steps. batch_warmup is placed first, as the run's tokens depend on
+        it: the batch grows over the fewest steps that train on its tokens. The
+        warm-up stays in steps (report: 2K steps)."""
+        unknown = sorted(set(breakpoints) - set(TOKEN_BREAKPOINTS))
+        if unknown:
+            raise TypeError(f"in_tokens takes {', '.join(TOKEN_BREAKPOINTS)}; "
+                            f"not {', '.join(unknown)}")
+        for name, value in breakpoints.items():
+            _check_tokens(name, value)
+
+        def target(value: int | float, counts: list[int]) -> float:
+            return value if isinstance(value, int) else value * counts[-1]
+
+        args = self
+        if "batch_warmup" in breakpoints:
+            value = breakpoints["batch_warmup"]
+
+            def reached(k: int) -> bool:  # a ramp of k steps trains on `value`
+                counts = self.replace(batch_warmup=k / self.steps)._token_counts()
+                return counts[k] >= target(value, counts)
+
+            if not reached(self.steps):
+                raise ValueError(
+                    f"batch_warmup ({value:,} tokens) must be <= the tokens of a "
+                    f"run whose batch grows over all its {self.steps} steps")
+            low, high = 0, self.steps  # the fewest steps: reached(high) holds
+            while low < high:
+                middle = (low + high) // 2
+                low, high = (low, middle) if reached(middle) else (middle + 1, high)
+            args = self.replace(batch_warmup=high / self.steps)
+        counts = args._token_counts()
+        changes = {}
+        for name, value in breakpoints.items():
+            if name == "batch_warmup":
+                continue
+            if target(value, counts) > counts[-1]:
+                raise ValueError(f"{name} ({value:,} tokens) must be <= the run's "
+                                 f"{counts[-1]:,} tokens")
+            step = bisect.bisect_left(counts, target(value, counts))
+            changes[name] = step / self.steps
+        try:
+            return args.replace(**changes)
+        except ValueError as err:
+            raise ValueError(f"the breakpoints in tokens ({breakpoints}) fall out of "
+                             f"order: {err}") from None
+
     def lr_at(self, step: int) -> float:
         """Learning rate of step `step` (0-based): linear warm-up, constant, cosine
         decay to lr_decayed x lr, constant, and a last constant lr_final x lr."""
@@ -330,6 +397,24 @@ class TrainArgs:
         """The bias update speed: `gamma` (`ModelArgs.bias_update_speed`), 0 from
         gamma_off on."""
         return gamma if step / self.steps < self.gamma_off else 0.0
+
+
+# The fractions of TrainArgs that the report gives in tokens (`TrainArgs.in_tokens`)
+TOKEN_BREAKPOINTS = ("batch_warmup", "decay_start", "decay_end", "final_start",
+                     "mtp_switch", "gamma_off")
+
+
+def _check_tokens(name: str, value: object) -> None:
+    """A clear TypeError / ValueError unless `value` is a count of tokens (an int
+    >= 0) or a fraction of the run's tokens (a float in [0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} in tokens must be an int (a count) or a float (a "
+                        f"fraction of the run's tokens), got {type(value).__name__}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} ({value} tokens) must be >= 0")
+    if isinstance(value, float) and not 0 <= value <= 1:
+        raise ValueError(f"{name} ({value}) must be a fraction of the run's tokens "
+                         "in [0, 1] (a count of tokens is an int)")
 
 
 class _Objective(nn.Module):
@@ -568,4 +653,5 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-__all__ = ["TrainArgs", "Trainer", "History", "evaluate", "Precision"]
+__all__ = ["TrainArgs", "Trainer", "History", "evaluate", "Precision",
+           "TOKEN_BREAKPOINTS"]

@@ -1,11 +1,14 @@
 """The training helper: seeded and deterministic, its hooks run, its schedule is the documented one, and
 bad settings or a diverging run stop with an error that says what to change. The command line: it trains,
 saves, resumes bit for bit, explains its errors, and runs under torchrun with DDP."""
+import argparse
+import dataclasses
 import json
 import math
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,8 +17,10 @@ import pytest
 import torch
 from torch import nn
 
+from dsv3_lite.checkpoint import load_checkpoint
 from dsv3_lite.data import Corpus, Document
-from dsv3_lite.train import evaluate, lr_at, main, train_lm
+from dsv3_lite.train import _parser, _tokens, evaluate, lr_at, main, train_lm
+from dsv3_lite.trainer import TrainArgs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -230,6 +235,117 @@ def test_command_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_command_line_extends_a_finished_run(tmp_path, capsys):
+    """Breakpoints given in tokens are stored as TrainArgs.in_tokens places them; --resume --steps N then
+    continues the finished run on the schedules of an N-step run; fewer steps than taken is an error."""
+    out = tmp_path / "run"
+    main(["--out", str(out), *CLI, "--steps", "5", "--decay_start_tokens", "0.5", "--mtp_switch_tokens", "100"])
+    assert "warning" not in capsys.readouterr().err
+    saved = json.loads((out / "config.json").read_text())["train"]
+    given = TrainArgs(**{**saved, "decay_start": TrainArgs.decay_start, "mtp_switch": TrainArgs.mtp_switch})
+    assert saved == dataclasses.asdict(given.in_tokens(decay_start=0.5, mtp_switch=100))
+    main(["--out", str(out), "--resume", "--steps", "8"])
+    assert "extended from 5 to 8 steps: from step 6 on, the schedules are those of a run of 8 steps" \
+        in capsys.readouterr().out
+    longer = TrainArgs(**saved).replace(steps=8)
+    history = history_of(out)
+    assert history["lr"][5:] == [longer.lr_at(s) for s in range(5, 8)]
+    assert history["batch_size"][5:] == [longer.batch_size_at(s) for s in range(5, 8)]
+    assert [step for step, _ in history["val_loss"]] == [5, 8]
+    assert json.loads((out / "config.json").read_text())["train"] == dataclasses.asdict(longer)
+    for argv, message in [
+            (["--resume"], r"is complete \(step 8 of 8\): nothing to resume; a larger --steps extends it"),
+            (["--resume", "--steps", "6"], rf"--steps \(6\) must be >= the 8 steps the run in {out} has taken"),
+            (["--resume", "--steps", "9", "--decay_start_tokens", "0.3"],
+             "--decay_start_tokens: a resumed run keeps the breakpoints it was saved with")]:
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), *argv])
+        assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_command_line_exports_a_release_without_training(tmp_path, capsys):
+    run, release = tmp_path / "run", tmp_path / "release"
+    main(["--out", str(run), *CLI, "--steps", "2", "--warmup_steps", "3"])
+    err = capsys.readouterr().err
+    assert err.count("warning: --warmup_steps (3) is longer than the run (2 steps): the learning rate warms up "
+                     "over all 2 steps") == 1
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    main(["--out", str(run), "--export-only", str(release)])
+    assert f"exported {run} (step 2 of 2) without its trainer state, for inference: {release}" \
+        in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # nothing trained, nothing saved
+    assert (release / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert not (release / "trainer_state.pt").exists() and load_checkpoint(release).trainer_state is None
+    main(["--out", str(run), "--export-only", str(release)])  # a release may be exported over
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    for argv, message in [
+            (["--out", str(release), "--export-only", str(run)],
+             rf"--export-only \({run}\) is a non-empty directory that is not a release"),
+            (["--out", str(tmp_path / "new"), *CLI, "--export", str(run)],
+             rf"--export \({run}\) is a non-empty directory that is not a release"),
+            (["--out", str(run), "--export-only", str(tmp_path / "notes")],
+             r"--export-only \(.*notes\) is a non-empty directory that is not a release"),
+            (["--out", str(run), "--export-only", str(run)], "must differ from --out"),
+            (["--out", str(run), "--export-only", str(release), "--lr", "0.1", "--resume"],
+             "--export-only trains nothing: drop --resume, --lr"),
+            (["--out", str(tmp_path / "none"), "--export-only", str(release)], "is not a dsv3_lite checkpoint")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert re.search(message, capsys.readouterr().err), argv
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # a run is never exported over
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("text,value", [("469B", 469 * 10**9), ("14.633T", 14_633 * 10**9), ("300K", 300_000),
+                                        ("2.5m", 2_500_000), ("50000", 50_000), ("1", 1), ("0.676", 0.676),
+                                        ("1.0", 1.0), ("0", 0)])
+def test_token_values_are_counts_or_fractions(text, value):
+    parsed = _tokens(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--decay_start_tokens", "3e5"], r"argument --decay_start_tokens: '3e5' is neither a fraction of the run's"),
+    (["--gamma_off_tokens", "1.5"], r"argument --gamma_off_tokens: '1.5' is neither"),
+    (["--mtp_switch_tokens=-2K"], r"argument --mtp_switch_tokens: '-2K' is neither"),
+    (["--final_start_tokens", "10X"], r"argument --final_start_tokens: '10X' is neither"),
+    (["--decay_start_tokens", "0.5", "--decay_start", "0.3"], "--decay_start and --decay_start_tokens set the same"),
+    (["--mtp_switch_tokens", "1T"], r"--mtp_switch_tokens: mtp_switch \(1,000,000,000,000 tokens\) must be <= "
+                                    r"the run's [\d,]+ tokens"),
+    (["--decay_start_tokens", "0.9", "--decay_end_tokens", "0.5"], r"fall out of order"),
+])
+def test_command_line_rejects_bad_token_breakpoints(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), *CLI, *argv])
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def documented_commands():
+    """Every `python -m dsv3_lite.train` / `torchrun ... -m dsv3_lite.train` command in a code block of the
+    README, the book's pages and the chapters (continued lines joined; '...' elisions left out)."""
+    texts = [(p.name, p.read_text(encoding="utf-8")) for p in [ROOT / "README.md", *(ROOT / "book").glob("*.md")]]
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        texts += [(path.name, "".join(c["source"])) for c in cells if c["cell_type"] == "markdown"]
+    for name, text in texts:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = re.search(r"-m dsv3_lite\.train (.*)", line)
+                if command and "..." not in line:
+                    yield name, command.group(1).split(" #")[0]
+
+
+def test_documented_commands_parse(monkeypatch):
+    commands = list(documented_commands())
+    assert len(commands) >= 8 and any("--export-only" in c for _, c in commands)
+    parser = _parser()
+    monkeypatch.setattr(parser, "error", lambda message: pytest.fail(message))
+    for name, command in commands:
+        assert isinstance(parser.parse_args(shlex.split(command)), argparse.Namespace), (name, command)
 
 
 def test_command_line_trains_on_a_text_file(tmp_path, capsys):

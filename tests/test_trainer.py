@@ -260,3 +260,108 @@ def test_a_loss_that_is_not_finite_stops_before_the_step(tok, corpus):
         trainer.train()
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
     assert trainer.step == 0
+
+
+# ------------------------------------------------------------------------------------ schedules in tokens
+# Report 4.2's breakpoints as fractions of its 14.8T tokens
+REPORT_TOKENS = dict(batch_warmup=0.469 / 14.8, decay_start=10 / 14.8, decay_end=14.3 / 14.8,
+                     final_start=14.633 / 14.8, mtp_switch=10 / 14.8, gamma_off=14.3 / 14.8)
+
+
+def token_counts(run):
+    """Tokens trained on before each step 0 .. steps, summed here from the batch schedule."""
+    counts = [0]
+    for step in range(run.steps):
+        counts.append(counts[-1] + run.batch_size_at(step) * run.seq_len)
+    return counts
+
+
+def report_lr(t):
+    """Report 4.2's learning rate after t trillion tokens (warm-up left out)."""
+    peak, low = 2.2e-4, 2.2e-5
+    if t < 10:
+        return peak
+    if t < 14.3:
+        return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 4.3))
+    return low if t < 14.633 else 7.3e-6
+
+
+def test_breakpoints_in_tokens_follow_the_reports_formula():
+    """The report's run scaled down: 3,072 -> 15,360 sequences of 4K becomes 3 -> 15 of 4 tokens, 14.8T
+    tokens the run's total. At every step each schedule takes the report's value at the tokens trained on
+    before it: exactly for the constants and switches; the cosine within 0.005 x peak, since its ends fall on
+    whole steps (one step: 60 of about 118K tokens, 0.0075T of the report's, at most 0.0025 x peak on the
+    cosine's steepest part)."""
+    run = TrainArgs(steps=2000, seq_len=4, batch_size=15, batch_size_start=3, lr=2.2e-4, warmup_steps=17,
+                    lr_decayed=0.1, lr_final=7.3e-6 / 2.2e-4).in_tokens(**REPORT_TOKENS)
+    counts = token_counts(run)
+    for step in range(run.steps):
+        t = 14.8 * counts[step] / counts[-1]
+        assert run.mtp_lambda_at(step) == (0.3 if t < 10 else 0.1), step
+        assert run.gamma_at(step, 1e-3) == (1e-3 if t < 14.3 else 0.0), step
+        if t >= 0.469:
+            assert run.batch_size_at(step) == 15, step
+        if step >= run.warmup_steps:
+            if 10 <= t < 14.3:
+                assert run.lr_at(step) == pytest.approx(report_lr(t), abs=0.005 * 2.2e-4), step
+            else:
+                assert run.lr_at(step) == pytest.approx(report_lr(t), rel=1e-9), step
+    # the batch grows over the fewest steps that train on 469B of 14.8T tokens
+    ramp = round(run.batch_warmup * run.steps)
+    assert counts[ramp] >= REPORT_TOKENS["batch_warmup"] * counts[-1]
+    shorter = token_counts(run.replace(batch_warmup=(ramp - 1) / run.steps))
+    assert shorter[ramp - 1] < REPORT_TOKENS["batch_warmup"] * shorter[-1]
+
+
+def test_breakpoints_as_token_counts_fall_on_the_first_step_that_reaches_them():
+    run = TrainArgs(steps=40, seq_len=8, batch_size=8, batch_size_start=2, batch_warmup=0.25, warmup_steps=4)
+    counts = token_counts(run)
+    placed = run.in_tokens(decay_start=1000, decay_end=1500, final_start=1500, mtp_switch=1000,
+                           gamma_off=counts[-1])
+    first = next(s for s in range(run.steps) if counts[s] >= 1000)
+    assert placed.mtp_lambda_at(first - 1) == 0.3 and placed.mtp_lambda_at(first) == 0.1
+    assert placed.decay_start == first / run.steps  # the cosine starts at lr there, then falls
+    assert placed.lr_at(first) == run.lr > placed.lr_at(first + 1)
+    assert placed.gamma_off == 1.0 and placed.gamma_at(run.steps - 1, 1e-3) == 1e-3
+    assert placed.batch_warmup == run.batch_warmup  # not given: unchanged
+    assert placed == run.in_tokens(decay_start=1000 / counts[-1], decay_end=1500, final_start=1500,
+                                   mtp_switch=1000, gamma_off=1.0)
+    assert run.in_tokens() == run
+    ramp = run.in_tokens(batch_warmup=100)  # the fewest steps whose growing batch covers 100 tokens
+    k = round(ramp.batch_warmup * run.steps)
+    assert ramp.batch_warmup == k / run.steps and token_counts(ramp)[k] >= 100
+    assert token_counts(run.replace(batch_warmup=(k - 1) / run.steps))[k - 1] < 100
+
+
+@pytest.mark.parametrize("breakpoints,message", [
+    (dict(decay_start=1.5), r"decay_start \(1.5\) must be a fraction of the run's tokens in \[0, 1\]"),
+    (dict(decay_start=-3), r"decay_start \(-3 tokens\) must be >= 0"),
+    (dict(decay_start="10T"), r"decay_start in tokens must be an int \(a count\) or a float"),
+    (dict(gamma_off=True), r"gamma_off in tokens must be an int"),
+    (dict(warmup_steps=5), r"in_tokens takes batch_warmup, .*; not warmup_steps"),
+    (dict(mtp_switch=10**6), r"mtp_switch \(1,000,000 tokens\) must be <= the run's [\d,]+ tokens"),
+    (dict(batch_warmup=10**6), r"batch_warmup \(1,000,000 tokens\) must be <= the tokens of a run whose"),
+    (dict(decay_start=0.9, decay_end=0.5), r"fall out of order: decay_start \([\d.]+\) <= decay_end"),
+])
+def test_bad_breakpoints_in_tokens(breakpoints, message):
+    run = TrainArgs(steps=40, seq_len=8, batch_size=32, batch_size_start=8, batch_warmup=0.25)
+    with pytest.raises((ValueError, TypeError), match=message):
+        run.in_tokens(**breakpoints)
+
+
+def test_an_extended_run_continues_on_the_longer_runs_schedules(tok, corpus, tmp_path):
+    """A finished 10-step run resumed with steps=16: the first 10 steps are the saved run's, the next 6 take
+    each schedule of a 16-step run at their step, and the data continue where they stopped."""
+    first = make(tok, corpus)
+    first.train()
+    save_checkpoint(tmp_path, first.model, tok, first)
+    saved = load_checkpoint(tmp_path)
+    longer = saved.train_args.replace(steps=16)
+    extended = Trainer(saved.model, make_corpus(saved.tokenizer), longer, progress=False)
+    extended.load_state_dict(saved.trainer_state)
+    history = extended.train()
+    assert history.train_loss[:10] == first.history.train_loss and history.lr[:10] == first.history.lr
+    assert history.lr[10:] == [longer.lr_at(s) for s in range(10, 16)]
+    assert history.batch_size[10:] == [longer.batch_size_at(s) for s in range(10, 16)]
+    assert [step for step, _ in history.val_loss] == [10, 16]
+    assert extended.position == sum(history.batch_size)
