@@ -28,7 +28,10 @@ those are recomputed at the next step (`_Drafter`).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -353,9 +356,10 @@ def stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
     (the tokens it committed (B, k), the statistics so far). The prefill commits one
     token, a plain step one, a speculative step 1 + the drafts accepted.
 
-    The arguments are checked before the first token. The model holds its KV cache
-    and stays in eval mode until the stream is exhausted or closed (leaving a `for`
-    loop early closes it); one model decodes one stream at a time.
+    The arguments are checked before the first token. The stream owns its KV cache:
+    the model holds it (in eval mode) only during a step, under a lock, so several
+    streams and threads may decode with one model at once, each with its own cache;
+    between steps the model has no cache and its own mode.
     """
     depth = _check_args(model, tokens, max_new_tokens, temperature, top_k, top_p,
                         speculative, draft_depth, generator, stop_token)
@@ -364,19 +368,40 @@ def stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
                                    stop_token))
 
 
+_LOCKS: "weakref.WeakKeyDictionary[Transformer, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _turn(model: Transformer, cache: list[dict[str, torch.Tensor]] | None):
+    """One step of a decoding on a model that other decodings (other threads, other
+    open streams) may share: the model to itself, in eval mode, holding this
+    decoding's KV cache; afterwards its mode as before and no cache, whatever
+    happened. Yields a list that receives the cache taken back after the step."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.Lock())
+    with lock:
+        was_training = model.training
+        taken: list[dict[str, torch.Tensor]] = []
+        try:
+            model.eval()
+            if cache is not None:
+                model.put_cache(cache)
+            yield taken
+        finally:
+            taken.extend(model.take_cache())
+            model.train(was_training)
+
+
 def _stream(model: Transformer, decoder: _Decoder
             ) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
+    with _turn(model, None) as cache, torch.inference_mode():
         model.allocate_cache(decoder.stats.batch_size)
-    try:
-        while not decoder.done:
+    while not decoder.done:
+        with _turn(model, cache) as cache:
             # cloned outside inference mode: an ordinary tensor, fit for autograd
-            yield decoder.step().clone(), decoder.stats
-    finally:
-        model.free_cache()
-        model.train(was_training)
+            new = decoder.step().clone()
+        yield new, decoder.stats
 
 
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,

@@ -157,6 +157,22 @@ class CachedAttention(nn.Module):
                 delattr(self, f"cache_{name}")
         self.cache_batch_size = 0
 
+    def take_cache(self) -> dict[str, torch.Tensor]:
+        """Detach the cache from the module and return it (name -> tensor, empty
+        without one); `put_cache` gives it back. A decoding that pauses between
+        steps holds its cache this way, so that others can use the module."""
+        cache = {name: getattr(self, f"cache_{name}") for name in self.cache_layout()
+                 if hasattr(self, f"cache_{name}")}
+        self.free_cache()
+        return cache
+
+    def put_cache(self, cache: dict[str, torch.Tensor]) -> None:
+        """Make `cache` (from `take_cache`) the module's cache."""
+        self.free_cache()
+        for name, buf in cache.items():
+            self.register_buffer(f"cache_{name}", buf, persistent=False)
+            self.cache_batch_size = buf.shape[0]
+
     def _check_input(self, x: torch.Tensor, start_pos: int) -> tuple[int, int]:
         """(batch, seq_len) of x, after checking its shape, its positions
         and the cache's rules."""

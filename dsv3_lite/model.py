@@ -221,6 +221,19 @@ class Transformer(nn.Module):
             if isinstance(module, CachedAttention):
                 module.free_cache()
 
+    def take_cache(self) -> list[dict[str, torch.Tensor]]:
+        """Detach every attention layer's cache and return them, in module order
+        (`put_cache` gives them back): a paused decoding's own state."""
+        return [m.take_cache() for m in self.modules() if isinstance(m, CachedAttention)]
+
+    def put_cache(self, caches: list[dict[str, torch.Tensor]]) -> None:
+        layers = [m for m in self.modules() if isinstance(m, CachedAttention)]
+        if len(caches) != len(layers):
+            raise ValueError(f"caches holds {len(caches)} layers' caches, the model "
+                             f"has {len(layers)} attention layers")
+        for module, cache in zip(layers, caches):
+            module.put_cache(cache)
+
     # ----------------------------------------------------------------------- counting
     def num_params(self, mtp: bool = False) -> int:
         """Parameters of the main model (what `ModelArgs.num_params` counts),

@@ -273,3 +273,35 @@ def test_the_book_checkpoint_answers_in_the_corpus_format():
     done = chat("--book", "--speculative", stdin="What is 63 * 7?\n")
     assert done.returncode == 0 and final_answer(done.stdout.split("[")[0]) == 441
     assert "drafts accepted per step" in done.stdout
+
+
+# ------------------------------------------------------------------------------ one client, many callers
+def test_eight_threads_on_one_client_each_get_the_answer_asked_alone(checkpoint):
+    """8 threads x 5 questions at once (greedy, plain and speculative, and sampled with a seed): every
+    answer equals the same question asked alone."""
+    import concurrent.futures
+    client = Client(checkpoint)
+    calls = [(QUESTIONS[(t + q) % len(QUESTIONS)], dict(max_new_tokens=12, speculative=q % 2 == 1,
+                                                        temperature=0.8 if q == 4 else 0.0, seed=t))
+             for t in range(8) for q in range(5)]
+    alone = [client.generate(text=text, **options)["generated_text"] for text, options in calls]
+
+    def ask(thread: int) -> list[str]:
+        return [client.generate(text=text, **options)["generated_text"]
+                for text, options in calls[5 * thread:5 * thread + 5]]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = [answer for answers in pool.map(ask, range(8)) for answer in answers]
+    assert together == alone
+
+
+def test_interleaved_streams_and_a_generate_between_them_each_get_their_own_answer(checkpoint):
+    client = Client(checkpoint)
+    alone = ["".join(client.stream(text=q, max_new_tokens=16)) for q in QUESTIONS[:2]]
+    first, second = (iter(client.stream(text=q, max_new_tokens=16)) for q in QUESTIONS[:2])
+    texts = [next(first), next(second)]
+    assert client.generate(text=QUESTIONS[2], max_new_tokens=16)["generated_text"] == \
+        Client(checkpoint).generate(text=QUESTIONS[2], max_new_tokens=16)["generated_text"]
+    texts[0] += "".join(first)
+    texts[1] += "".join(second)
+    assert texts == alone

@@ -351,15 +351,53 @@ def test_stream_yields_what_generate_returns_one_forward_at_a_time(model, specul
         assert widths == [1] * 30
 
 
-def test_a_stream_left_early_frees_the_cache_and_restores_the_mode(model):
+def test_between_steps_and_after_a_stream_left_early_the_model_has_its_mode_and_no_cache(model):
     model.train()
     try:
         for i, _ in enumerate(stream(model, prompts(1, 3), 20, speculative=True)):
-            assert not model.training
+            assert model.training and not any(".cache_" in n for n, _ in model.named_buffers())
             if i == 2:
                 break
         assert model.training
         assert not any(".cache_" in n for n, _ in model.named_buffers())
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_interleaved_streams_on_one_model_each_decode_their_own_prompt(model, speculative):
+    """Each stream owns its KV cache: advancing two in turn gives each what it gives alone."""
+    a, b = prompts(1, 5, seed=5), prompts(2, 7, seed=6)
+    alone = [generate(model, p, 12, speculative=speculative)[0] for p in (a, b)]
+    streams = [stream(model, p, 12, speculative=speculative) for p in (a, b)]
+    pieces: list[list[torch.Tensor]] = [[], []]
+    live = [0, 1]
+    while live:
+        for i in list(live):
+            try:
+                pieces[i].append(next(streams[i])[0])
+            except StopIteration:
+                live.remove(i)
+    for p, got, want in zip((a, b), pieces, alone):
+        assert torch.equal(torch.cat([p, *got], 1), want)
+
+
+def test_threads_decoding_with_one_model_each_get_their_own_answer(model):
+    import concurrent.futures
+    tokens = [prompts(1, 4 + i % 3, seed=10 + i) for i in range(8)]
+    alone = [generate(model, t, 10, speculative=bool(i % 2))[0] for i, t in enumerate(tokens)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda it: generate(model, it[1], 10, speculative=bool(it[0] % 2))[0],
+                            enumerate(tokens)))
+    assert all(torch.equal(g, w) for g, w in zip(got, alone))
+
+
+def test_a_failed_call_leaves_the_models_mode_as_it_was(model):
+    model.train()
+    try:
+        with pytest.raises(ValueError):
+            generate(model, prompts(model.args.max_batch_size + 1, 3), 4)
+        assert model.training
     finally:
         model.eval()
     with pytest.raises(ValueError, match="max_new_tokens"):
