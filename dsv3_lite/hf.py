@@ -32,15 +32,18 @@ does not need it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import pathlib
 import re
 import types
+import uuid
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsv3_lite.config import ModelArgs
@@ -280,6 +283,14 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     `OVERRIDABLE` (e.g. max_batch_size, attn_impl), which leave the model's outputs
     unchanged. Weights are copied in FP32.
     """
+    for name, value in (("hf_model", hf_model), ("mtp_model", mtp_model)):
+        if value is not None and not (isinstance(value, torch.nn.Module)
+                                      and hasattr(value, "config")):
+            raise TypeError(f"{name} must be a transformers model (a torch.nn.Module "
+                            "with a .config, e.g. DeepseekV3ForCausalLM), got "
+                            f"{type(value).__name__}: load a folder with "
+                            "DeepseekV3ForCausalLM.from_pretrained, or load_release "
+                            "for DeepSeek's released layout")
     config = hf_model.config
     depth = len(mtp_model.layers) if mtp_model is not None else 0
     args = args_from_hf_config(config, **overrides).replace(mtp_depth=depth)
@@ -411,6 +422,7 @@ def to_hf(model: Transformer) -> Any:
 RELEASE_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3",
                         "activation_scheme": "dynamic",
                         "weight_block_size": [128, 128]}
+_SCALE = "_scale_inv"  # an FP8 weight's block scales: f"{name}_scale_inv"
 # quantized in the release: every linear layer of the blocks (not the gate,
 # embedding, head, norms, nor MTP's eh_proj)
 _RELEASE_FP8 = re.compile(
@@ -453,56 +465,136 @@ def release_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in _per_expert(out).items()}
 
 
+def release_config(args: ModelArgs, fp8: bool = True, bos_token_id: int | None = None,
+                   eos_token_id: int | None = None) -> dict[str, Any]:
+    """config.json of a release of `args`, in the field names of DeepSeek's released
+    DeepSeek-V3 config (`rope_theta` and `rope_scaling` with a `type`,
+    `scoring_func`, `topk_method`, `quantization_config`, ...), which both DeepSeek's
+    modeling code and transformers' `DeepseekV3Config` read. `bos_token_id` and
+    `eos_token_id`: the tokenizer's, which `args` does not know
+    (null if not given)."""
+    fields = hf_config(args)
+    rope = dict(fields.pop("rope_parameters"))
+    del fields["rope_interleave"]  # the release always rotates interleaved pairs
+    rope_theta, rope_type = rope.pop("rope_theta"), rope.pop("rope_type")
+    scaling = None if rope_type == "default" else {**rope, "type": rope_type}
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        **fields, "rope_theta": rope_theta, "rope_scaling": scaling,
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1,
+        "ep_size": 1, "attention_dropout": 0.0, "use_cache": True,
+        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+        "torch_dtype": "bfloat16" if fp8 else "float32"}
+    if fp8:
+        config["quantization_config"] = dict(RELEASE_QUANTIZATION)
+    return dict(sorted(config.items()))
+
+
+def _shards(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[list[str]]:
+    """Names of `tensors` packed in order into shards of at most about `shard_bytes`,
+    each weight in the same shard as its `weight_scale_inv`."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in tensors:
+        if name.endswith(_SCALE):
+            continue  # goes with its weight
+        group = [name] + ([name + _SCALE] if name + _SCALE in tensors else [])
+        nbytes = sum(tensors[n].nbytes for n in group)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1] += group
+        size += nbytes
+    return shards
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with a copy of each tensor whose memory an earlier one already holds:
+    safetensors refuses tensors that share memory, and the MTP layers' embedding and
+    head are the main model's tensors themselves."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.nbytes)
+        out[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return out
+
+
 def save_release(model: Transformer, directory: str | pathlib.Path, fp8: bool = True,
-                 shard_bytes: int = 5 * 2**30) -> pathlib.Path:
-    """Write `model` in DeepSeek's released layout: config.json, shards
-    `model-0000i-of-0000n.safetensors` of at most about `shard_bytes` each and
+                 shard_bytes: int = 5 * 2**30, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None) -> pathlib.Path:
+    """Write `model` in DeepSeek's released layout: config.json (`release_config`),
+    shards `model-0000i-of-0000n.safetensors` of at most about `shard_bytes` each and
     `model.safetensors.index.json`. With fp8, every block linear weight is stored
-    as E4M3 with an FP32 `weight_scale_inv` per 128x128 block (the others in
-    BF16, the gate's bias in FP32); without, everything in FP32."""
+    as E4M3 with an FP32 `weight_scale_inv` per 128x128 block, in the same shard
+    (the others in BF16, the gate's bias in FP32); without, everything in FP32.
+
+    Every file is first written under a temporary name in `directory`, then renamed;
+    only then are an earlier release's shards that the new index does not name
+    removed. So a save that fails leaves the earlier release as it was."""
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes ({shard_bytes}) must be > 0")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("model-*-of-*.safetensors"):  # an earlier save's
-        stale.unlink()
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in release_state_dict(model).items():
         if fp8 and _RELEASE_FP8.search(name):
-            tensors[name], tensors[name + "_scale_inv"] = weight_quant(tensor)
+            tensors[name], tensors[name + _SCALE] = weight_quant(tensor)
         elif fp8 and not name.endswith("e_score_correction_bias"):
             tensors[name] = tensor.bfloat16()
         else:
             tensors[name] = tensor
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
-        encoding="utf-8")
-    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-              **hf_config(model.args)}
-    if fp8:
-        config["quantization_config"] = RELEASE_QUANTIZATION
-    (directory / "config.json").write_text(json.dumps(config, indent=2),
-                                           encoding="utf-8")
+    shards = _shards(tensors, shard_bytes)
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+             for i in range(1, len(shards) + 1)]
+    weight_map = {name: file for file, names in zip(files, shards) for name in names}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    config = release_config(model.args, fp8, bos_token_id, eos_token_id)
+    suffix = f".{uuid.uuid4().hex}.tmp"  # hidden, and unlike any release file
+    written: list[tuple[pathlib.Path, pathlib.Path]] = []
+    try:
+        for file, names in zip(files, shards):
+            written.append((directory / f".{file}{suffix}", directory / file))
+            save_file(_unshared({n: tensors[n] for n in names}), written[-1][0],
+                      metadata={"format": "pt"})
+        for file, content in (("model.safetensors.index.json", index),
+                              ("config.json", config)):
+            written.append((directory / f".{file}{suffix}", directory / file))
+            written[-1][0].write_text(json.dumps(content, indent=2), encoding="utf-8")
+    except BaseException:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, final in written:
+        os.replace(temporary, final)
+    for stale in directory.glob("model-*-of-*.safetensors"):  # an earlier save's
+        if stale.name not in files:
+            stale.unlink()
     return directory
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got "
+                         f"{type(value).__name__}")
+    return value
 
 
 def _release_config(config: dict[str, Any]) -> types.SimpleNamespace:
     """A released config.json as the attributes `args_from_hf_config` reads
     (the release writes rope_theta and rope_scaling; transformers 5,
     rope_parameters)."""
+    for name, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
+                         ("moe_layer_freq", 1)):
+        if config.get(name, wanted) != wanted:
+            raise ValueError(f"{name} ({config[name]!r}) is not supported: "
+                             f"DeepSeek-V3 uses {wanted!r}")
     rope = dict(config.get("rope_parameters")
                 or {"rope_theta": config.get("rope_theta", 10000.0),
                     **(config.get("rope_scaling") or {})})
@@ -512,6 +604,98 @@ def _release_config(config: dict[str, Any]) -> types.SimpleNamespace:
                     n_shared_experts=0, q_lora_rank=None, rope_interleave=True,
                     initializer_range=0.02, num_nextn_predict_layers=0)
     return types.SimpleNamespace(**{**defaults, **config, "rope_parameters": rope})
+
+
+def _shard_paths(directory: pathlib.Path, index: pathlib.Path,
+                 files: set[Any]) -> dict[str, pathlib.Path]:
+    """The shards the index names, each refused unless it is a plain file name of a
+    file inside `directory`, also once symbolic links are resolved."""
+    root = directory.resolve()
+    paths = {}
+    for file in sorted(files, key=str):
+        if (not isinstance(file, str) or file in ("", ".", "..") or "/" in file
+                or "\\" in file):
+            raise ValueError(f"{index} names the shard {file!r}: a shard must be a "
+                             f"plain file name inside {directory}")
+        path = (directory / file).resolve()
+        if path.parent != root:
+            raise ValueError(f"{index} names the shard {file!r}, which resolves to "
+                             f"{path}, outside {root}: a shard must be a file inside "
+                             "the release folder")
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} names the shard {file!r}, which is "
+                                    f"not a file in {directory}")
+        paths[file] = path
+    return paths
+
+
+def _read(shard: Any, name: str, file: str) -> torch.Tensor:
+    try:
+        return shard.get_tensor(name)
+    except SafetensorError as error:  # absent, or the shard is damaged
+        raise ValueError(f"the index maps {name!r} to shard {file}, which cannot "
+                         f"give it: {error}") from None
+
+
+@contextlib.contextmanager
+def _open_shard(path: pathlib.Path, file: str):
+    try:
+        shard = safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise ValueError(f"shard {file} is not a readable safetensors file "
+                         f"(truncated or corrupt?): {error}") from None
+    with shard:
+        yield shard
+
+
+def _dequantized(name: str, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """An FP8 weight times its block scales, after checking that both are what the
+    release stores."""
+    if not (q.is_floating_point() and q.element_size() == 1):
+        raise ValueError(f"{name!r} has a weight_scale_inv but is {q.dtype}, not FP8")
+    scale_inv = scale_inv.float()
+    if not bool((torch.isfinite(scale_inv) & (scale_inv > 0)).all()):
+        raise ValueError(f"{name + _SCALE!r} holds a NaN, infinite or non-positive "
+                         "value: every block scale must be finite and > 0")
+    try:
+        return weight_dequant(q, scale_inv)
+    except ValueError as error:
+        raise ValueError(f"{name!r}: {error}") from None
+
+
+def _read_release(directory: pathlib.Path, index: pathlib.Path,
+                  weight_map: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every weight the index names, in FP32, read shard by shard (memory-mapped).
+    An FP8 weight is dequantized with the `weight_scale_inv` the index maps,
+    in whichever shard that lies (as DeepSeek's fp8_cast_bf16.py finds it)."""
+    paths = _shard_paths(directory, index, set(weight_map.values()))
+    names_by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        names_by_file.setdefault(file, []).append(name)
+    tensors = {}
+    for file in sorted(names_by_file):
+        with _open_shard(paths[file], file) as shard:
+            for name in names_by_file[file]:
+                if name.endswith(_SCALE):
+                    if name.removesuffix(_SCALE) not in weight_map:
+                        raise ValueError(f"{index} names {name!r} but not the weight "
+                                         f"{name.removesuffix(_SCALE)!r} it scales")
+                    continue
+                tensor = _read(shard, name, file)
+                scale_file = weight_map.get(name + _SCALE)
+                if scale_file == file:
+                    scale_inv = _read(shard, name + _SCALE, file)
+                elif scale_file is not None:
+                    with _open_shard(paths[scale_file], scale_file) as other:
+                        scale_inv = _read(other, name + _SCALE, scale_file)
+                elif tensor.is_floating_point() and tensor.element_size() == 1:
+                    raise ValueError(f"{name!r} is FP8 ({tensor.dtype}) but {index} "
+                                     f"names no {name + _SCALE!r}: an FP8 weight "
+                                     "needs its block scales")
+                if scale_file is not None:
+                    tensor = _dequantized(name, tensor, scale_inv)
+                tensors[name] = tensor.float()
+    return tensors
 
 
 @torch.no_grad()
@@ -525,31 +709,22 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
     FP32 model (4 bytes per parameter: 4N for an FP8 checkpoint of N bytes) plus
     transients: 1.6x the FP32 model for a 115M-parameter checkpoint, 2.4x where
     the C allocator keeps freed blocks (benchmarks/release_memory.py).
-    `overrides`: as `from_hf`."""
+    Every shard must be a file of the folder itself (the index names plain file
+    names; no link may lead out of it). `overrides`: as `from_hf`."""
     directory = pathlib.Path(directory)
-    for file in ("config.json", "model.safetensors.index.json"):
-        if not (directory / file).is_file():
-            raise FileNotFoundError(f"{directory} has no {file}: not a checkpoint in "
-                                    "DeepSeek's released layout")
-    config = _release_config(json.loads(
-        (directory / "config.json").read_text(encoding="utf-8")))
+    index = directory / "model.safetensors.index.json"
+    for file in (directory / "config.json", index):
+        if not file.is_file():
+            raise FileNotFoundError(f"{directory} has no {file.name}: not a "
+                                    "checkpoint in DeepSeek's released layout")
+    config = _release_config(_read_json(directory / "config.json"))
     args = args_from_hf_config(config, **overrides).replace(
         mtp_depth=config.num_nextn_predict_layers)
-    weight_map = json.loads(
-        (directory / "model.safetensors.index.json").read_text(encoding="utf-8")
-    )["weight_map"]
-    tensors = {}
-    for file in sorted(set(weight_map.values())):
-        with safe_open(directory / file, framework="pt") as shard:
-            names = set(shard.keys())
-            for name in names:
-                if name.endswith("_scale_inv"):
-                    continue
-                tensor = shard.get_tensor(name)
-                if name + "_scale_inv" in names:
-                    scale_inv = shard.get_tensor(name + "_scale_inv")
-                    tensor = weight_dequant(tensor, scale_inv)
-                tensors[name] = tensor.float()
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} must have a 'weight_map' object mapping each "
+                         "tensor name to its shard's file name")
+    tensors = _read_release(directory, index, weight_map)
     main, mtp = _split_release(tensors, args)
     weights = (_Weights(main, config),
                _Weights(mtp, config) if args.mtp_depth else None)
@@ -592,5 +767,5 @@ def _split_release(tensors: dict[str, torch.Tensor], args: ModelArgs
 
 __all__ = ["from_hf", "to_hf", "hf_config", "to_hf_state_dict", "args_from_hf_config",
            "OVERRIDABLE", "rope_rows_to_half_split", "rope_rows_to_interleaved",
-           "release_state_dict", "save_release", "load_release",
+           "release_state_dict", "release_config", "save_release", "load_release",
            "RELEASE_QUANTIZATION"]

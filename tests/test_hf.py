@@ -318,3 +318,246 @@ def test_a_release_folder_that_does_not_match_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 16}))
     with pytest.raises(ValueError, match="has shape .* but the config implies"):
         load_release(tmp_path)
+
+
+def logits(model, seed: int = 6):
+    tokens = torch.randint(0, model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens)
+
+
+def read_index(folder):
+    import json
+
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def write_index(folder, weight_map):
+    import json
+
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shard_bytes", [150 * 136 + 10, 3000])
+def test_fp8_shards_keep_each_weight_with_its_scales(tmp_path, shard_bytes):
+    """However small the shards, a weight and its weight_scale_inv share one, and the release loads to the same
+    model as with one shard."""
+    from dsv3_lite.hf import load_release, save_release
+
+    model = random_model()
+    save_release(model, tmp_path / "one", fp8=True)
+    save_release(model, tmp_path / "many", fp8=True, shard_bytes=shard_bytes)
+    weight_map = read_index(tmp_path / "many")["weight_map"]
+    scales = [n for n in weight_map if n.endswith("_scale_inv")]
+    assert len(set(weight_map.values())) > 10 and scales
+    assert all(weight_map[n] == weight_map[n.removesuffix("_scale_inv")] for n in scales)
+    assert torch.equal(logits(load_release(tmp_path / "many")), logits(load_release(tmp_path / "one")))
+
+
+def move_scales_to_their_own_shard(folder):
+    """Rewrite a one-shard FP8 release so that every weight_scale_inv sits in another shard than its weight."""
+    from safetensors.torch import load_file, save_file
+
+    shard = folder / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    scales = {n: tensors.pop(n) for n in list(tensors) if n.endswith("_scale_inv")}
+    save_file(tensors, shard)
+    save_file(scales, folder / "scales.safetensors")
+    write_index(folder, {**dict.fromkeys(tensors, shard.name), **dict.fromkeys(scales, "scales.safetensors")})
+    return tensors, scales
+
+
+def test_a_scale_in_another_shard_is_found_through_the_index(tmp_path):
+    from safetensors.torch import save_file
+
+    from dsv3_lite.hf import load_release, save_release
+
+    model = random_model()
+    save_release(model, tmp_path, fp8=True)
+    expected = logits(load_release(tmp_path))
+    tensors, scales = move_scales_to_their_own_shard(tmp_path)
+    assert torch.equal(logits(load_release(tmp_path)), expected)
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    del scales[name + "_scale_inv"]  # an FP8 weight left without its scales
+    save_file(scales, tmp_path / "scales.safetensors")
+    write_index(tmp_path, {**dict.fromkeys(tensors, "model-00001-of-00001.safetensors"),
+                           **dict.fromkeys(scales, "scales.safetensors")})
+    with pytest.raises(ValueError, match=rf"'{name}' is FP8 \(torch.float8_e4m3fn\) but .* names no "
+                                         rf"'{name}_scale_inv': an FP8 weight needs its block scales"):
+        load_release(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_scale_that_is_not_finite_and_positive_is_named(tmp_path, bad):
+    from safetensors.torch import save_file
+
+    from dsv3_lite.hf import load_release, save_release
+
+    save_release(random_model(mtp_depth=1), tmp_path, fp8=True)
+    tensors, scales = move_scales_to_their_own_shard(tmp_path)
+    name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    scales[name] = torch.full_like(scales[name], bad)
+    save_file(scales, tmp_path / "scales.safetensors")
+    with pytest.raises(ValueError, match=rf"'{name}' holds a NaN, infinite or non-positive value"):
+        load_release(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["../outside/stolen.safetensors", "ABSOLUTE", "../../../../etc/passwd",
+                                   "sub/model-00001-of-00001.safetensors", "..", "SYMLINK"])
+def test_shards_outside_the_release_folder_are_refused(tmp_path, entry):
+    import shutil
+
+    from dsv3_lite.hf import load_release, save_release
+
+    release, outside = tmp_path / "release", tmp_path / "outside"
+    save_release(random_model(mtp_depth=1), release, fp8=False)
+    outside.mkdir()
+    (release / "sub").mkdir()
+    for folder in (outside, release / "sub"):  # a loadable shard there: only the rule can refuse it
+        shutil.copy(release / "model-00001-of-00001.safetensors", folder / "model-00001-of-00001.safetensors")
+    shutil.copy(release / "model-00001-of-00001.safetensors", outside / "stolen.safetensors")
+    if entry == "ABSOLUTE":
+        entry = str(outside / "stolen.safetensors")
+    elif entry == "SYMLINK":
+        entry = "model-00001-of-00001.safetensors"
+        (release / entry).unlink()
+        (release / entry).symlink_to(outside / "stolen.safetensors")
+    write_index(release, dict.fromkeys(read_index(release)["weight_map"], entry))
+    with pytest.raises(ValueError, match=r"a shard must be a (plain file name|file) inside"):
+        load_release(release)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mtp_copies_of_the_embedding_and_head_are_saved_and_restored(tmp_path, fp8):
+    """With 2 MTP layers, each stores its own copy of the main model's embedding and head (one shard); loading
+    gives the same model, whose MTP modules share the main model's embedding and head again."""
+    from safetensors import safe_open
+
+    from dsv3_lite.hf import load_release, save_release
+
+    model = random_model(mtp_depth=2)
+    save_release(model, tmp_path, fp8=fp8)
+    n = model.args.n_layers
+    with safe_open(tmp_path / "model-00001-of-00001.safetensors", framework="pt") as f:
+        for k in (n, n + 1):
+            assert torch.equal(f.get_tensor(f"model.layers.{k}.embed_tokens.weight"),
+                               f.get_tensor("model.embed_tokens.weight"))
+            assert torch.equal(f.get_tensor(f"model.layers.{k}.shared_head.head.weight"),
+                               f.get_tensor("lm_head.weight"))
+    back = load_release(tmp_path)
+    assert back.args.mtp_depth == 2
+    assert all(m.embed is back.embed and m.head is back.head for m in back.mtp)
+    if not fp8:
+        assert torch.equal(logits(back), logits(model))
+        tokens = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            ours, theirs = (m.loss(tokens[:, :-1], tokens[:, 1:], mtp_lambda=0.3) for m in (model, back))
+        assert [float(d) for d in theirs.mtp_depths] == [float(d) for d in ours.mtp_depths]
+
+
+def test_a_save_that_fails_leaves_the_earlier_release_loadable(tmp_path, monkeypatch):
+    from dsv3_lite import hf
+    from dsv3_lite.hf import load_release, save_release
+
+    old, new = random_model(mtp_depth=1), random_model(mtp_depth=2)
+    save_release(old, tmp_path, fp8=False, shard_bytes=100_000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    calls = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    real_save_file = hf.save_file
+    monkeypatch.setattr(hf, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save_release(new, tmp_path, fp8=True, shard_bytes=100_000)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
+    assert torch.equal(logits(load_release(tmp_path)), logits(old))
+    save_release(new, tmp_path, fp8=False)  # one shard: the earlier save's other shards go
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+    assert torch.equal(logits(load_release(tmp_path)), logits(new))
+
+
+def test_broken_files_and_wrong_arguments_are_named(tmp_path):
+    from dsv3_lite.hf import load_release, save_release
+
+    save_release(random_model(mtp_depth=1), tmp_path, fp8=True)
+    index = tmp_path / "model.safetensors.index.json"
+    text = index.read_text()
+    index.write_text(text[:-20])
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON"):
+        load_release(tmp_path)
+    index.write_text('{"weight_map": ["model-00001-of-00001.safetensors"]}')
+    with pytest.raises(ValueError, match=r"index.json must have a 'weight_map' object"):
+        load_release(tmp_path)
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    write_index(tmp_path, {"model.extra.weight": shard.name})
+    with pytest.raises(ValueError, match=r"the index maps 'model.extra.weight' to shard model-00001-of-00001"
+                                         r".safetensors, which cannot give it"):
+        load_release(tmp_path)
+    index.write_text(text)
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"shard model-00001-of-00001.safetensors is not a readable safetensors "
+                                         r"file \(truncated or corrupt\?\)"):
+        load_release(tmp_path)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"names the shard 'model-00001-of-00001.safetensors', which is "
+                                                r"not a file"):
+        load_release(tmp_path)
+    with pytest.raises(TypeError, match=r"hf_model must be a transformers model .* got str: .*load_release"):
+        from_hf(str(tmp_path))
+
+
+# the fields of config.json in DeepSeek's release of DeepSeek-V3 (Hugging Face deepseek-ai/DeepSeek-V3), but
+# auto_map (the release's own modeling code) and transformers_version
+RELEASED_CONFIG_FIELDS = {
+    "architectures", "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "ep_size",
+    "first_k_dense_replace", "hidden_act", "hidden_size", "initializer_range", "intermediate_size",
+    "kv_lora_rank", "max_position_embeddings", "model_type", "moe_intermediate_size", "moe_layer_freq", "n_group",
+    "n_routed_experts", "n_shared_experts", "norm_topk_prob", "num_attention_heads", "num_experts_per_tok",
+    "num_hidden_layers", "num_key_value_heads", "num_nextn_predict_layers", "q_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "quantization_config", "rms_norm_eps", "rope_scaling", "rope_theta",
+    "routed_scaling_factor", "scoring_func", "tie_word_embeddings", "topk_group", "topk_method", "torch_dtype",
+    "use_cache", "v_head_dim", "vocab_size"}
+
+
+@pytest.mark.parametrize("rope_factor", [1.0, 4.0])
+def test_the_release_config_has_the_released_names_and_both_readers_agree(tmp_path, rope_factor):
+    import json
+
+    from transformers import AutoConfig
+
+    from dsv3_lite.config import ModelArgs
+    from dsv3_lite.hf import RELEASE_QUANTIZATION, hf_config, load_release, save_release
+
+    args = ModelArgs.tiny(mtp_depth=1, rope_factor=rope_factor, original_seq_len=16, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    save_release(model, tmp_path, fp8=True, eos_token_id=256)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config) == RELEASED_CONFIG_FIELDS
+    assert config["quantization_config"] == RELEASE_QUANTIZATION and config["eos_token_id"] == 256
+    assert (config["model_type"], config["scoring_func"], config["topk_method"]) == (
+        "deepseek_v3", "sigmoid", "noaux_tc")
+    if rope_factor > 1:
+        assert config["rope_scaling"] == dict(type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                              beta_fast=args.beta_fast, beta_slow=args.beta_slow,
+                                              mscale=args.mscale, mscale_all_dim=args.mscale)
+    else:
+        assert config["rope_scaling"] is None
+    expected = {k: v for k, v in hf_config(args).items() if k != "rope_interleave"}
+    for theirs in (AutoConfig.from_pretrained(tmp_path), DeepseekV3Config.from_pretrained(tmp_path)):
+        assert type(theirs) is DeepseekV3Config and theirs.num_nextn_predict_layers == 1
+        assert {k: v for k, v in hf_config(args_from_hf_config(theirs).replace(mtp_depth=1)).items()
+                if k != "rope_interleave"} == expected
+    assert load_release(tmp_path).args == args_from_hf_config(
+        DeepseekV3Config.from_pretrained(tmp_path)).replace(mtp_depth=1)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "scoring_func": "softmax"}))
+    with pytest.raises(ValueError, match=r"scoring_func \('softmax'\) is not supported"):
+        load_release(tmp_path)
