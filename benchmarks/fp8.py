@@ -2,10 +2,12 @@
 
     python benchmarks/fp8.py                       # about 30 s on 2 cores
     python benchmarks/fp8.py --seed 1 --threads 1 --reps 3
+    python benchmarks/fp8.py --quick               # small shapes, K <= 1024: a smoke test (~10 s)
 
-(a) act_quant throughput: 1x128-tile E4M3 quantization of FP32 activations, fastest call over `reps`
-    (`dsv3_lite.timing.best_of`). GB/s counts the FP32 input read (4 bytes per value); the FP8 output
-    and the scales add 1 + 4/128 bytes per value. A CPU simulation: a GPU kernel does this in one pass.
+(a) act_quant throughput: 1x128-tile E4M3 quantization of FP32 activations (the PyTorch reference of
+    `dsv3_lite.fp8`), median [min, max] over `reps` timed calls after one untimed call, on the machine
+    named. GB/s counts the FP32 input read (4 bytes per value); the FP8 output and the scales add
+    1 + 4/128 bytes per value. A CPU simulation: a GPU kernel does this in one pass.
 (b) Quantization error of per-tensor, per-tile (1x128, activations) and per-block (128x128, weights)
     scales, and per-tile with power-of-two scales (DeepGEMM's UE8M0): on N(0, 1) activations with one
     channel made 100x and 1000x larger, and on N(0, 0.02) weights. Columns: relative RMS error
@@ -23,17 +25,21 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
+import statistics
 import sys
+import time
 from typing import Callable
 
 import torch
 
 from dsv3_lite.fp8 import (E4M3, act_dequant, act_quant, limited_accumulation_matmul, per_tensor_quant,
                            weight_dequant, weight_quant)
-from dsv3_lite.timing import best_of
+from dsv3_lite.timing import machine, spread
 
 THROUGHPUT_SHAPES = [(1024, 7168), (4096, 7168), (16384, 2048)]
 ACCUMULATION_K = [256, 1024, 4096, 16384]
+ERROR_TOKENS = 4096
+QUICK = {"shapes": [(256, 2048)], "k": [256, 1024], "tokens": 512}  # --quick
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,15 +67,20 @@ SCHEMES: dict[str, Quantizer] = {
 }
 
 
-def throughput(reps: int) -> None:
-    print("\n(a) act_quant, FP32 -> E4M3 in 1x128 tiles")
-    print(f"{'shape':>14s} {'MB in':>8s} {'ms':>8s} {'GB/s':>7s}")
-    for rows, cols in THROUGHPUT_SHAPES:
+def throughput(shapes: list[tuple[int, int]], reps: int) -> None:
+    print("\n(a) act_quant, FP32 -> E4M3 in 1x128 tiles, median [min, max] over runs")
+    print(f"{'shape':>12s} {'MB in':>6s}  {'ms':<26s} {'GB/s (median)':>13s}")
+    for rows, cols in shapes:
         x = torch.randn(rows, cols)
-        seconds = best_of({"act_quant": functools.partial(act_quant, x)}, reps=reps)["act_quant"]
+        act_quant(x)  # untimed: the first call pays for allocation
+        ms = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            act_quant(x)
+            ms.append(1e3 * (time.perf_counter() - start))
         megabytes = x.numel() * 4 / 1e6
-        print(f"{f'{rows}x{cols}':>14s} {megabytes:>8.1f} {1e3 * seconds:>8.1f} "
-              f"{megabytes / 1e3 / seconds:>7.2f}", flush=True)
+        print(f"{f'{rows}x{cols}':>12s} {megabytes:>6.1f}  {spread(ms, '.1f'):<26s} "
+              f"{megabytes / statistics.median(ms):>13.2f}", flush=True)
 
 
 def error_table(title: str, x: torch.Tensor, outlier: int | None) -> None:
@@ -90,10 +101,10 @@ def error_table(title: str, x: torch.Tensor, outlier: int | None) -> None:
               f"{relative.quantile(0.99).item():>9.2e} {small.float().mean().item():>9.2%}")
 
 
-def accumulation() -> None:
+def accumulation(k_values: list[int]) -> None:
     print("\n(c) 13-bit truncated accumulation: max rel. error, 32x32 GEMM, U[0, 1) as E4M3")
     print(f"{'K':>6s} {'mma_k 1':>9s} {'promoted':>9s} {'mma_k 32':>9s} {'promoted':>9s}")
-    for k in ACCUMULATION_K:
+    for k in k_values:
         a, _ = act_quant(torch.rand(32, k))
         b, _ = act_quant(torch.rand(32, k))
         exact = a.double() @ b.double().T
@@ -110,23 +121,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per shape (>= 3)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, K <= 1024, 3 reps")
     opts = parser.parse_args()
-    if opts.threads < 1 or opts.reps < 1:
-        parser.error(f"--threads ({opts.threads}) and --reps ({opts.reps}) must be >= 1")
+    if opts.threads < 1 or opts.reps < 3:
+        parser.error(f"--threads ({opts.threads}) must be >= 1 and --reps ({opts.reps}) >= 3")
+    if opts.quick:
+        opts.reps = 3
+    shapes, k_values, tokens = ((QUICK["shapes"], QUICK["k"], QUICK["tokens"]) if opts.quick
+                                else (THROUGHPUT_SHAPES, ACCUMULATION_K, ERROR_TOKENS))
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
-    print(f"torch {torch.__version__}, {opts.threads} thread(s), seed {opts.seed}")
+    print(f"machine: {machine()}; seed {opts.seed}")
 
-    throughput(opts.reps)
+    throughput(shapes, opts.reps)
     print("\n(b) quantization error, E4M3")
     for factor in (100, 1000):
-        x = torch.randn(4096, 1024)
+        x = torch.randn(tokens, 1024)
         x[:, 7] *= factor
-        error_table(f"activations 4096x1024, N(0, 1), channel 7 x{factor}", x, outlier=7)
-    error_table("weights 2048x1024, N(0, 0.02)", torch.randn(2048, 1024) * 0.02, outlier=None)
-    accumulation()
+        error_table(f"activations {tokens}x1024, N(0, 1), channel 7 x{factor}", x, outlier=7)
+    error_table(f"weights {tokens // 2}x1024, N(0, 0.02)", torch.randn(tokens // 2, 1024) * 0.02,
+                outlier=None)
+    accumulation(k_values)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/fp8_training.py                       # chapter 5's setting, seeds 0-4
     python benchmarks/fp8_training.py --seeds 0 1 2 --steps 600
+    python benchmarks/fp8_training.py --quick               # one seed, 10 steps: a smoke test
 
 Per seed, three tiny DeepSeek-V3 models (`ModelArgs.tiny(mtp_depth=0)`) start from the same weights and
 see the same batches: FP32 throughout; BF16 mixed precision (the report's baseline: FP32 master weights,
@@ -16,7 +17,9 @@ embedding, head, gate, norms and attention stay FP32). The report validates FP8 
     step0 relative difference of the very first training loss (same weights, same batch): the forward
           pass's rounding alone, before training has amplified anything
 
-and, for scale, how far the FP32 validation loss itself moves from seed to seed. At `ModelArgs.tiny`'s
+and, for scale, how far the FP32 validation loss itself moves from seed to seed, and the time per
+training step of each precision: median [min, max] over the seeds (one run each), on the machine named
+(on a CPU the FP8 GEMMs are simulated by PyTorch operations of `dsv3_lite.fp8`). At `ModelArgs.tiny`'s
 dim of 64, a 1x128 tile is a whole token row and a 128x128 block a whole weight matrix: the run tests
 FP8 arithmetic with per-token and per-matrix scales, not the benefit of finer tiles.
 """
@@ -33,6 +36,7 @@ from torch import nn
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import Transformer
+from dsv3_lite.timing import machine, spread
 from dsv3_lite.train import History, TrainingLoss, train_lm
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -77,7 +81,8 @@ def relative(ours: float, reference: float) -> float:
 
 
 def summary(label: str, values: list[float]) -> str:
-    return (f"{label:15s} mean {statistics.mean(values):+.3f}, std {statistics.stdev(values):.3f}, "
+    std = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
+    return (f"{label:15s} mean {statistics.mean(values):+.3f}, std {std}, "
             f"range {min(values):+.3f} .. {max(values):+.3f}")
 
 
@@ -89,8 +94,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--quick", action="store_true", help="seed 0 only, 10 steps (a smoke test)")
     opts = parser.parse_args()
-    if len(opts.seeds) < 2:
+    if opts.quick:
+        opts.seeds, opts.steps = [0], 10
+    elif len(opts.seeds) < 2:
         parser.error("--seeds needs at least two seeds to give a spread")
     if opts.steps < 5:
         parser.error(f"--steps ({opts.steps}) must be >= 5")
@@ -102,7 +110,7 @@ def main() -> None:
     print("command:", " ".join(["python benchmarks/fp8_training.py", *sys.argv[1:]]))
     print(f"ModelArgs.tiny(mtp_depth=0), {opts.steps} steps of {opts.batch_size} x {opts.seq_len} tokens, "
           f"lr {opts.lr}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"machine: {machine()}")
     print("relative differences in %: val = final validation loss, train = mean")
     print(f"training loss of the last {tail} steps, step0 = the first training loss")
     print("(rounding alone: same weights, same batch)")
@@ -110,13 +118,13 @@ def main() -> None:
     print(f"{'seed':>4s} {'FP32':>8s}  " + "  ".join([f"{'val':>7s}{'train':>7s}{'step0':>7s}"] * 2)
           + f"  {'val':>7s}{'train':>7s}")
     diffs = {pair: {key: [] for key in keys} for pair, keys in PAIRS.items()}
-    fp32_val, seconds = [], {p: 0.0 for p in PRECISIONS}
+    fp32_val, ms_per_step = [], {p: [] for p in PRECISIONS}
     for seed in opts.seeds:
         runs = {}
         for precision in PRECISIONS:
             start = time.perf_counter()
             runs[precision] = train(precision, seed, corpus, opts)
-            seconds[precision] += time.perf_counter() - start
+            ms_per_step[precision].append(1e3 * (time.perf_counter() - start) / opts.steps)
         fp32_val.append(runs["fp32"].final_val_loss)
         for (ours, ref), keys in PAIRS.items():
             run, base = runs[ours], runs[ref]
@@ -131,13 +139,14 @@ def main() -> None:
     for (ours, ref), measures in diffs.items():
         for key, values in measures.items():
             print("  " + summary(f"{ours.upper()}/{ref.upper()} {key}", values))
-    spread = [relative(v, statistics.mean(fp32_val)) for v in fp32_val]
-    print(f"for scale, FP32 val loss across seeds: mean {statistics.mean(fp32_val):.4f}, std "
-          f"{100 * statistics.stdev(fp32_val) / statistics.mean(fp32_val):.2f}% of it,")
-    print(f"  seeds from {min(spread):+.2f}% to {max(spread):+.2f}% of the mean")
-    runs_done = len(opts.seeds) * opts.steps
-    print("time per training step (incl. evaluation): "
-          + ", ".join(f"{p.upper()} {1e3 * seconds[p] / runs_done:.0f} ms" for p in PRECISIONS))
+    if len(fp32_val) > 1:
+        moves = [relative(v, statistics.mean(fp32_val)) for v in fp32_val]
+        print(f"for scale, FP32 val loss across seeds: mean {statistics.mean(fp32_val):.4f}, std "
+              f"{100 * statistics.stdev(fp32_val) / statistics.mean(fp32_val):.2f}% of it,")
+        print(f"  seeds from {min(moves):+.2f}% to {max(moves):+.2f}% of the mean")
+    print("ms per training step (incl. evaluation), median [min, max] over the seeds' runs:")
+    for p in PRECISIONS:
+        print(f"  {p.upper():4s} {spread(ms_per_step[p], '.0f')}")
     print("report (3.3, FP8 vs BF16 at 16B and 230B): relative loss error below 0.25%")
 
 

@@ -33,7 +33,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.attn = MLA(args)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps)
-        self.ffn = MoE(args) if moe else MLP(args.dim, args.inter_dim, args.fp8)
+        self.ffn = (MoE(args) if moe
+                    else MLP(args.dim, args.inter_dim, args.fp8, args.kernels))
 
     def forward(self, x: torch.Tensor, start_pos: int = 0,
                 freqs_cis: torch.Tensor | None = None

@@ -83,8 +83,8 @@ class ModelArgs:
     Precision (report 3.3)
         fp8: run every linear layer of the blocks and MTP modules (MLA projections,
             experts, dense FFNs, MTP projections) as FP8 GEMMs with fine-grained
-            scaling (`dsv3_lite.fp8.FP8Linear`); the embedding, output head, MoE
-            gate, norms and attention scores stay in higher precision.
+            scaling (`dsv3_lite.fp8_linear.FP8Linear`); the embedding, output
+            head, MoE gate, norms and attention scores stay in higher precision.
         kernels: "auto" runs the Triton kernels of `dsv3_lite.kernels` (MLA
             decode, the experts' grouped GEMM at inference) on CUDA when Triton
             is installed, "reference" always runs PyTorch, "triton" always the

@@ -9,14 +9,18 @@ rounded, clamped and stored is exactly what FP8 hardware would hold.
 - Fine-grained quantization (3.3.2): activations and output gradients get one
   scale per 1x128 tile (one token, 128 channels), weights one per 128x128 block;
   scale = amax / 448, computed online from the current tensor (`act_quant`,
-  `weight_quant`). For comparison: per-tensor scaling and the delayed scaling of
-  NVIDIA's Transformer Engine, which takes the amax of previous steps.
+  `weight_quant`). For comparison: per-tensor scaling, and delayed scaling, one of
+  the recipes of NVIDIA's Transformer Engine, which takes the amax of previous
+  steps (its others: per-tensor current scaling, MXFP8, and a block recipe
+  modelled on this one).
 - The FP8 GEMM (`fp8_gemm`): FP8 products summed over each 128-wide block of K,
   then multiplied by the two blocks' scales and added into an FP32 accumulator,
   the report's "promotion to CUDA cores" every N_C = 128 elements.
   `limited_accumulation_matmul` models what happens without that promotion.
-- Fprop, Dgrad and Wgrad as FP8 GEMMs (`fp8_linear`, `FP8Linear`), with an FP32
-  master weight and the layer's input saved for backward in FP8.
+
+These are the PyTorch references. `dsv3_lite.fp8_linear` builds the FP8 linear layer
+(Fprop, Dgrad and Wgrad as FP8 GEMMs) on them, or on the Triton kernels of
+`dsv3_lite.kernels` on a GPU.
 
 A tile at the end of a dimension that is not a multiple of 128 is shorter: it is
 quantized as if zero-padded to 128 (zeros change neither its amax nor a dot
@@ -29,7 +33,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
 
 AMAX_FLOOR = 1e-4  # DeepSeek's act_quant kernel: an all-zero tile gets a finite scale
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -250,8 +255,8 @@ def per_tensor_quant(x: Tensor, fmt: FP8Format = E4M3,
 
 class DelayedScaling:
     """Per-tensor quantization with the scale of past steps (delayed scaling, the
-    default recipe of NVIDIA's Transformer Engine, which the report contrasts with
-    its online scales).
+    `DelayedScaling` recipe of NVIDIA's Transformer Engine; the report computes its
+    scales online instead).
 
     `quantize(x)` scales by the largest amax in the history of the last
     `history_len` calls, then records x's own amax. A value larger than anything in
@@ -367,11 +372,13 @@ def limited_accumulation_matmul(a: Tensor, b: Tensor, mantissa_bits: int = 13,
     sums 32 products exactly before each truncation: the best case. Measured here
     (32x32 outputs, entries of a and b uniform in [0, 1) stored as E4M3,
     K = 4096, 5 seeds): maximum relative error 7.8-7.9% with mma_k = 1 and
-    0.34-0.35% with mma_k = 32; the report's "nearly 2%" on H800 lies between the
-    two. Promoting every 128 brings them to 0.08% and 0.012%. Both grow in
-    proportion to K: truncation errors all have the same sign and do not average
-    out. A Python loop over K in steps of mma_k, vectorized over M and N: for
-    small M and N.
+    0.34-0.35% with mma_k = 32. The two bracket the report's "nearly 2%" on H800
+    (3.3.2) and neither reproduces it: the report states neither the distribution
+    of its random operands nor exactly how the accumulator aligns and rounds, the
+    two things that set the figure. Promoting every 128 brings them to 0.08% and
+    0.012%. Both grow in proportion to K: truncation errors all have the same sign
+    and do not average out. A Python loop over K in steps of mma_k, vectorized
+    over M and N: for small M and N.
     """
     for name, x in (("a", a), ("b", b)):
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 2:
@@ -409,102 +416,7 @@ def calc_diff(x: Tensor, y: Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denominator)
 
 
-# ----------------------------------------------------------------- the FP8 linear
-class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with Fprop, Dgrad and Wgrad as FP8 GEMMs (report Figure 6).
-
-    Fprop   y  = x W^T:   x in 1x128 tiles along K, W in 128x128 blocks.
-    Dgrad   dx = dy W:    dy in 1x128 tiles along N; the same FP8 W, transposed:
-                          a 128x128 block's scale serves W and W^T alike.
-    Wgrad   dW = dy^T x:  K of this GEMM is the token dim, so both operands are
-                          quantized in tiles of 128 tokens (128x1 tiles of dy and x).
-                          x was saved in FP8 in 1x128 tiles; it is dequantized,
-                          transposed and quantized again, as the report describes
-                          for its own kernels (3.5.2).
-    The weight is the FP32 master weight, quantized at every call; dW is
-    accumulated in FP32 and returned in the weight's dtype, dx in x's.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, block_size: int) -> Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        x_q, x_scale = act_quant(rows, block_size)
-        w_q, w_scale = weight_quant(weight, block_size)
-        ctx.save_for_backward(x_q, x_scale, w_q, w_scale)
-        ctx.block_size, ctx.x_shape = block_size, x.shape
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        y = fp8_gemm(x_q, x_scale, w_q, w_scale, block_size)
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        x_q, x_scale, w_q, w_scale = ctx.saved_tensors
-        bs = ctx.block_size
-        dy = dy.reshape(-1, dy.shape[-1])
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_scale = act_quant(dy, bs)
-            dx = fp8_gemm(dy_q, dy_scale, w_q.T.contiguous(), w_scale.T, bs)
-            dx = dx.to(ctx.x_dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dy_t, dy_t_scale = act_quant(dy.T, bs)
-            x_t, x_t_scale = act_quant(act_dequant(x_q, x_scale, bs).T, bs)
-            dw = fp8_gemm(dy_t, dy_t_scale, x_t, x_t_scale, bs).to(ctx.w_dtype)
-        return dx, dw, None
-
-
-def fp8_linear(x: Tensor, weight: Tensor, block_size: int = 128) -> Tensor:
-    """F.linear(x, weight) without bias, its forward and both backward GEMMs in
-    FP8 (`FP8LinearFunction`): x (..., in_features), weight (out_features,
-    in_features) -> (..., out_features)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape "
-                         f"{tuple(weight.shape)}")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dim ({x.shape[-1]}) must equal weight's "
-                         f"in_features ({weight.shape[1]})")
-    return FP8LinearFunction.apply(x, weight, block_size)
-
-
-def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
-    """`moe.grouped_linear` in FP8: x_j @ weight[j]^T for consecutive groups of rows
-    of x, counts[j] rows in group j, each an `fp8_linear`: (T, in) -> (T, out)."""
-    if weight.dim() != 3:
-        raise ValueError(f"weight must be 3-D (experts, out, in), got shape "
-                         f"{tuple(weight.shape)}")
-    if counts.shape != (weight.shape[0],) or int(counts.sum()) != x.shape[0]:
-        raise ValueError(f"counts {tuple(counts.shape)} must hold one row count per "
-                         f"expert ({weight.shape[0]}) summing to x's rows "
-                         f"({x.shape[0]})")
-    groups = x.split(counts.tolist())
-    return torch.cat([fp8_linear(xj, wj) for xj, wj in zip(groups, weight)])
-
-
-class FP8Linear(nn.Linear):
-    """A bias-free nn.Linear whose matmuls run in FP8 (`fp8_linear`); same
-    parameter (`weight`, FP32 master weight) and state dict as nn.Linear."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
-        if bias:
-            raise ValueError("bias must be False: FP8Linear has no bias, like every "
-                             "linear layer of DeepSeek-V3")
-        super().__init__(in_features, out_features, bias=False, device=device,
-                         dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fp8_linear(x, self.weight)
-
-
-def linear_class(fp8: bool) -> type[nn.Linear]:
-    """The class of a model's linear layers: FP8Linear when `fp8`
-    (`ModelArgs.fp8`), else nn.Linear. Both hold the same FP32 `weight`."""
-    return FP8Linear if fp8 else nn.Linear
-
-
 __all__ = ["FP8Format", "E4M3", "E5M2", "AMAX_FLOOR", "representable_values",
            "act_quant", "act_dequant", "weight_quant", "weight_dequant",
            "per_tensor_quant", "DelayedScaling", "to_float", "fp8_gemm",
-           "limited_accumulation_matmul", "calc_diff", "FP8LinearFunction",
-           "fp8_linear", "fp8_grouped_linear", "FP8Linear", "linear_class"]
+           "limited_accumulation_matmul", "calc_diff"]

@@ -58,7 +58,7 @@ from torch import nn
 
 from dsv3_lite.config import ModelArgs
 from dsv3_lite import kernels
-from dsv3_lite.fp8 import linear_class
+from dsv3_lite.fp8_linear import linear_class
 from dsv3_lite.norm import RMSNorm
 from dsv3_lite.rope import apply_rotary_emb, precompute_freqs_cis
 
@@ -234,7 +234,7 @@ class MLA(CachedAttention):
         h, dim = args.n_heads, args.dim
         self.n_heads = h
         self.attn_impl = args.attn_impl
-        linear = linear_class(args.fp8)
+        linear = linear_class(args.fp8, args.kernels)
         if args.q_lora_rank == 0:
             self.wq = linear(dim, h * args.qk_head_dim, bias=False)
         else:
@@ -347,7 +347,7 @@ class GQA(CachedAttention):
         super().__init__(args, rope_args=args.replace(qk_rope_head_dim=head_dim))
         self.n_heads, self.n_kv_heads, self.head_dim = (
             args.n_heads, n_kv_heads, head_dim)
-        linear = linear_class(args.fp8)
+        linear = linear_class(args.fp8, args.kernels)
         self.wq = linear(args.dim, args.n_heads * head_dim, bias=False)
         self.wk = linear(args.dim, n_kv_heads * head_dim, bias=False)
         self.wv = linear(args.dim, n_kv_heads * head_dim, bias=False)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dsv3_lite import kernels
 from dsv3_lite.config import Kernels, ModelArgs
-from dsv3_lite.fp8 import fp8_grouped_linear, linear_class
+from dsv3_lite.fp8_linear import fp8_grouped_linear, linear_class
 
 
 def swiglu(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
@@ -48,9 +48,10 @@ class MLP(nn.Module):
     """SwiGLU feed-forward network: the dense FFN of the first blocks and
     the shared experts."""
 
-    def __init__(self, dim: int, inter_dim: int, fp8: bool = False):
+    def __init__(self, dim: int, inter_dim: int, fp8: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
-        linear = linear_class(fp8)
+        linear = linear_class(fp8, kernels)
         self.w1 = linear(dim, inter_dim, bias=False)  # gate projection
         self.w2 = linear(inter_dim, dim, bias=False)  # down projection
         self.w3 = linear(dim, inter_dim, bias=False)  # up projection
@@ -128,7 +129,11 @@ class Experts(nn.Module):
         w2 is linear, so the weight scales each row's hidden vector (inter wide)
         before w2 rather than its output (dim wide): the same product, with
         inter / dim of the multiplications."""
-        matmul = fp8_grouped_linear if self.fp8 else grouped_linear
+        # under fp8 each expert's GEMMs are FP8 GEMMs, on the FP8 Triton kernels
+        # where `kernels` selects them (`fp8.gemm_ops`); the FP32 grouped kernel
+        # below would skip the FP8 rounding
+        matmul = (functools.partial(fp8_grouped_linear, kernels=self.kernels)
+                  if self.fp8 else grouped_linear)
         recording = torch.is_grad_enabled() and (x.requires_grad
                                                  or self.w13.requires_grad)
         if (not self.fp8 and not recording
@@ -240,7 +245,8 @@ class MoE(nn.Module):
         # The N_s shared experts are fused into one MLP of N_s times the width
         # (same parameters and output).
         self.shared_experts = (
-            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8)
+            MLP(args.dim, args.n_shared_experts * args.moe_inter_dim, args.fp8,
+                args.kernels)
             if args.n_shared_experts else None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Routing]:

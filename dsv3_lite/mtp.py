@@ -32,7 +32,7 @@ from torch import nn
 
 from dsv3_lite.block import Block
 from dsv3_lite.config import ModelArgs
-from dsv3_lite.fp8 import linear_class
+from dsv3_lite.fp8_linear import linear_class
 from dsv3_lite.moe import Routing
 from dsv3_lite.norm import RMSNorm
 
@@ -51,7 +51,8 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(args.dim, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.dim, args.rms_norm_eps)
-        self.eh_proj = linear_class(args.fp8)(2 * args.dim, args.dim, bias=False)
+        self.eh_proj = linear_class(args.fp8, args.kernels)(2 * args.dim, args.dim,
+                                                            bias=False)
         self.block = Block(args, moe=args.n_moe_layers > 0)
         self.norm = RMSNorm(args.dim, args.rms_norm_eps)
         self.embed = embed

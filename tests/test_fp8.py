@@ -3,6 +3,7 @@ bounds and brute-force block scales, the FP8 GEMM against a dequantized referenc
 model against a scalar reference, and the FP8 linear layer against FP32 nn.Linear."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3_lite.fp8 import (AMAX_FLOOR, E4M3, E5M2, DelayedScaling, FP8Format, FP8Linear, act_dequant,
-                           act_quant, calc_diff, fp8_gemm, fp8_grouped_linear, fp8_linear,
-                           limited_accumulation_matmul, per_tensor_quant, representable_values,
-                           weight_dequant, weight_quant)
+from dsv3_lite.fp8 import (AMAX_FLOOR, E4M3, E5M2, DelayedScaling, FP8Format, act_dequant, act_quant,
+                           calc_diff, fp8_gemm, limited_accumulation_matmul, per_tensor_quant,
+                           representable_values, weight_dequant, weight_quant)
+from dsv3_lite.fp8_linear import FP8Linear, fp8_grouped_linear, fp8_linear
 from dsv3_lite.moe import grouped_linear
 
 
@@ -496,3 +497,94 @@ def test_to_float_reads_the_same_values_as_torchs_cast(fmt):
         finite = ~torchs.isnan()
         assert torch.equal(ours[finite], torchs[finite])
         assert torch.equal(ours[finite].signbit(), torchs[finite].signbit())  # -0 stays -0
+
+
+# --------------------------------------------- the FP8 linear on the Triton kernels (dsv3_lite.kernels)
+# Without a GPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), about 15 ms
+# per program: one per 1x128 tile quantized, so the shapes stay small.
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fp8_linear_and_grads(x, weight, dy, block_size, kernels):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = fp8_linear(x, weight, block_size, kernels=kernels)
+    y.backward(dy)
+    return y.detach(), x.grad, weight.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens, k, n, block", [((2, 3), 130, 20, 128), ((36,), 40, 12, 32)])
+def test_fp8_linear_on_the_triton_kernels_equals_the_reference(monkeypatch, tokens, k, n, block):
+    """Fprop, Dgrad and Wgrad through kernels.act_quant and kernels.fp8_gemm. The kernels' act_quant is
+    bit-equal to the reference (tests/test_kernels.py), so every GEMM gets the same FP8 operands and
+    scales; their products are exact in FP32, and only the order in which a 128-wide block's products
+    are summed in FP32 differs: at most about 128 x 2^-24 (8e-6) of the sum of their magnitudes, measured
+    6e-8 of the largest output. Hence rtol 1e-5 and an atol of 1e-5 of the largest value."""
+    from dsv3_lite import kernels
+
+    calls = {"act_quant": 0, "fp8_gemm": 0}
+    for name in calls:
+        def counted(*args, _name=name, _fn=getattr(kernels, name), **kw):
+            calls[_name] += 1
+            return _fn(*args, **kw)
+        monkeypatch.setattr(kernels, name, counted)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*tokens, k, generator=gen).to(DEVICE)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(DEVICE)
+    dy = torch.randn(*tokens, n, generator=gen).to(DEVICE)
+    ref = fp8_linear_and_grads(x, weight, dy, block, "reference")
+    assert calls == {"act_quant": 0, "fp8_gemm": 0}
+    ours = fp8_linear_and_grads(x, weight, dy, block, "triton")
+    assert calls == {"act_quant": 4, "fp8_gemm": 3}  # x; dy, dy^T, x^T | Fprop, Dgrad, Wgrad
+    for name, a, b in zip(("y", "dx", "dW"), ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+@needs_triton
+def test_gemm_ops_selects_the_kernels_like_the_other_kernels():
+    from dsv3_lite import kernels
+    from dsv3_lite.fp8_linear import gemm_ops
+
+    reference = (act_quant, fp8_gemm)
+    assert tuple(gemm_ops("reference", DEVICE)) == reference
+    assert tuple(gemm_ops("auto", "cpu")) == reference  # the CPU runs PyTorch
+    triton_ops = (kernels.act_quant, kernels.fp8_gemm)
+    assert tuple(gemm_ops("triton", DEVICE)) == triton_ops
+    assert tuple(gemm_ops("auto", DEVICE)) == (triton_ops if DEVICE == "cuda"
+                                               and torch.cuda.get_device_capability() >= (8, 9)
+                                               else reference)
+    assert tuple(gemm_ops("auto", DEVICE, block_size=100)) == reference  # not a Triton block
+    with pytest.raises(ValueError, match=r"block_size \(100\) must be a power of two"):
+        fp8_linear(torch.randn(2, 100, device=DEVICE), torch.randn(3, 100, device=DEVICE), 100,
+                   kernels="triton")
+    with pytest.raises(ValueError, match="kernels \\('gpu'\\) must be one of"):
+        gemm_ops("gpu", DEVICE)
+    # an expert without tokens: nothing to launch, the reference returns the empty result
+    x = torch.zeros(0, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(8, 64, device=DEVICE, requires_grad=True)
+    fp8_linear(x, w, kernels="triton").sum().backward()
+    assert x.grad.shape == (0, 64) and bool((w.grad == 0).all())
+
+
+@needs_triton
+def test_fp8_experts_run_on_the_triton_kernels_and_match_the_reference():
+    """moe.Experts under fp8 with kernels="triton": each expert's FP8 GEMMs on the kernels, forward and
+    backward, against kernels="reference" from the same weights (the tolerance of the test above)."""
+    from dsv3_lite.moe import Experts
+
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([3, 0, 2], device=DEVICE)  # expert 1 gets no tokens
+    x = torch.randn(5, 16, generator=gen).to(DEVICE)
+    results = {}
+    for kernels in ("reference", "triton"):
+        torch.manual_seed(0)
+        experts = Experts(3, 16, 8, fp8=True, kernels=kernels).to(DEVICE)
+        xr = x.clone().requires_grad_()
+        y = experts(xr, counts)
+        y.pow(2).sum().backward()
+        results[kernels] = (y.detach(), xr.grad, experts.w13.grad, experts.w2.grad)
+    for a, b in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())

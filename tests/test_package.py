@@ -17,6 +17,7 @@ LAYERS = [
     {"tokenizer"},
     {"config"},
     {"rope", "kernels"},
+    {"fp8_linear"},
     {"mla", "moe"},
     {"block"},
     {"mtp"},
