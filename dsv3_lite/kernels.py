@@ -3,18 +3,28 @@ in the package.
 
 - `act_quant`, `weight_dequant`, `fp8_gemm`: the FP8 chapter's quantizers and
   block-scaled GEMM (`dsv3_lite.fp8`, report 3.3), one program per tile or
-  output block.
+  output block; the GEMM promotes every 128-wide slice of K into FP32.
 - `mla_decode`: MLA decode attention over the absorbed latent cache (report
   2.1.1; `MLA._absorbed` for one new token), the cached positions split across
   programs, each with an online softmax, then a combine.
 - `grouped_linear`: the routed experts' matrix multiply over tokens sorted by
-  expert (`dsv3_lite.moe.grouped_linear`), every expert in one launch.
+  expert (`dsv3_lite.moe.grouped_linear`), every expert in one launch of a
+  fixed grid whose tile schedule stays on the device.
 
-On CUDA the model uses them when Triton is installed (`ModelArgs.kernels`
-"auto"); "reference" forces PyTorch everywhere and "triton" forces the kernels,
-which on a CPU needs Triton's interpreter (TRITON_INTERPRET=1 set before this
-module is imported): how the tests run them on every machine. Without Triton
-(macOS, Windows) this module imports, and every function says so when called.
+Which model paths call them, on CUDA with Triton installed (`ModelArgs.kernels`
+"auto"): `MLA._absorbed` calls `mla_decode` for a one-token decode step, and
+the routed experts (`moe.Experts`, fp8=False) call `grouped_linear` for W13
+and W2 whenever no gradient is recorded. With fp8=True on a GPU with FP8 (compute
+capability 8.9+), the FP8 linear layers (`dsv3_lite.fp8_linear`: attention,
+dense FFN, shared and routed experts, MTP projection) call `act_quant` and
+`fp8_gemm` for Fprop, Dgrad and Wgrad; `weight_dequant` serves loading and
+tests, not the model. The kernels are tested bit-equal (quantizers) or equal up
+to the order of FP32 sums (GEMM) to the references of `dsv3_lite.fp8`.
+"reference" forces PyTorch everywhere and "triton" forces the kernels, which on
+a CPU needs Triton's interpreter (TRITON_INTERPRET=1 set before this module is
+imported): how the tests run them on every machine.
+Without Triton (macOS, Windows) this module imports, and every function says so
+when called.
 """
 from __future__ import annotations
 
@@ -79,6 +89,20 @@ def _fp8_dot_supported(device: torch.device) -> bool:
     is exact."""
     return (device.type == "cuda" and not interpreted()
             and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device):
+    """The operand type of the BF16/FP32 kernels' `tl.dot`s. Compiled on a GPU,
+    BF16 and FP16 inputs go to the tensor cores as they are (FP32 sums): FP32
+    dots run on the CUDA cores at a fraction of that rate. FP32 inputs, and
+    every input under the interpreter (whose BF16 dot is wrong in Triton 3.9),
+    are multiplied in FP32 ("ieee": no TF32 rounding)."""
+    if device.type == "cuda" and not interpreted():
+        if dtype == torch.bfloat16:
+            return tl.bfloat16
+        if dtype == torch.float16:
+            return tl.float16
+    return tl.float32
 
 
 def _pow2(n: int, minimum: int = 16) -> int:
@@ -168,37 +192,36 @@ if triton is not None:
 
     # ------------------------------------------------------------ MLA decode
     @triton.jit
-    def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, pe_ptr, acc_ptr, m_ptr,
-                                 l_ptr, H, T, C, R, split_len, n_splits, scale,
-                                 BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _mla_decode_split_kernel(ql_ptr, qr_ptr, kv_ptr, pe_ptr, len_ptr, acc_ptr,
+                                 m_ptr, l_ptr, H, T, C, R, split_len, n_splits,
+                                 scale, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 DOT: tl.constexpr):
         # one program per (sequence, split): every head against the split's
         # cached positions, heads stacked as rows (MQA over the latent)
         b, split = tl.program_id(0), tl.program_id(1)
         h = tl.arange(0, BLOCK_H)
         c = tl.arange(0, BLOCK_C)
         r = tl.arange(0, BLOCK_R)
-        # loaded in their dtype (BF16 in a GPU cache), computed in FP32
+        # loaded in their dtype (BF16 in a GPU cache), multiplied as DOT (BF16
+        # on a GPU's tensor cores, else FP32), summed and exponentiated in FP32
         q_lat = tl.load(ql_ptr + (b * H + h[:, None]) * C + c[None, :],
-                        mask=(h[:, None] < H) & (c[None, :] < C),
-                        other=0.0).to(tl.float32)
+                        mask=(h[:, None] < H) & (c[None, :] < C), other=0.0).to(DOT)
         q_pe = tl.load(qr_ptr + (b * H + h[:, None]) * R + r[None, :],
-                       mask=(h[:, None] < H) & (r[None, :] < R),
-                       other=0.0).to(tl.float32)
+                       mask=(h[:, None] < H) & (r[None, :] < R), other=0.0).to(DOT)
         m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+        length = tl.load(len_ptr + b)  # this sequence's cached positions
         start = split * split_len
-        end = tl.minimum(start + split_len, T)
+        end = tl.minimum(start + split_len, length)  # a split past it: no block
         for t0 in range(start, end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             keep = t < end
             kv = tl.load(kv_ptr + (b * T + t[:, None]) * C + c[None, :],
-                         mask=keep[:, None] & (c[None, :] < C),
-                         other=0.0).to(tl.float32)
+                         mask=keep[:, None] & (c[None, :] < C), other=0.0).to(DOT)
             pe = tl.load(pe_ptr + (b * T + t[:, None]) * R + r[None, :],
-                         mask=keep[:, None] & (r[None, :] < R),
-                         other=0.0).to(tl.float32)
+                         mask=keep[:, None] & (r[None, :] < R), other=0.0).to(DOT)
             s = (tl.dot(q_lat, tl.trans(kv), input_precision="ieee")
                  + tl.dot(q_pe, tl.trans(pe), input_precision="ieee")) * scale
             s = tl.where(keep[None, :], s, float("-inf"))
@@ -207,7 +230,7 @@ if triton is not None:
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), kv, input_precision="ieee")
             m = m_new
         row = (b * n_splits + split) * H + h
         tl.store(m_ptr + row, m, mask=h < H)
@@ -238,12 +261,16 @@ if triton is not None:
     def _grouped_linear_kernel(x_ptr, w_ptr, out_ptr, tile_expert_ptr,
                                tile_start_ptr, tile_end_ptr, N, K,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr):
-        # one program per (tile of one expert's rows, block of outputs)
+                               BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        # one program per (slot of the schedule, block of outputs); the grid
+        # has a slot for every tile there could be, and a slot past the last
+        # real tile holds an empty row range: that program returns at once
         tile, pid_n = tl.program_id(0), tl.program_id(1)
-        expert = tl.load(tile_expert_ptr + tile)
         start = tl.load(tile_start_ptr + tile)
         end = tl.load(tile_end_ptr + tile)
+        if start >= end:
+            return
+        expert = tl.load(tile_expert_ptr + tile)
         rows = start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -253,15 +280,15 @@ if triton is not None:
                         mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0)
             w = tl.load(w_ptr + (expert * N + cols[:, None]) * K + k[None, :],
                         mask=(cols[:, None] < N) & (k[None, :] < K), other=0.0)
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)),
-                          input_precision="ieee")
+            acc += tl.dot(x.to(DOT), tl.trans(w.to(DOT)), input_precision="ieee")
+        # rows at or past `end` belong to the next expert: never written here
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc,
                  mask=(rows[:, None] < end) & (cols[None, :] < N))
 
 
-def _check_block_size(block_size: int) -> None:
+def _check_block_size(block_size: int, name: str = "block_size") -> None:
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size ({block_size}) must be a power of two >= 16 "
+        raise ValueError(f"{name} ({block_size}) must be a power of two >= 16 "
                          "(a Triton block)")
 
 
@@ -339,16 +366,24 @@ def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
 
 # ------------------------------------------------------------------- MLA decode
 def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: float,
-               n_splits: int | None = None, block_t: int = 64) -> Tensor:
+               n_splits: int | None = None, block_t: int = 64,
+               lengths: Tensor | None = None) -> Tensor:
     """softmax((q_latent kv^T + q_pe pe^T) * scale) kv for one new token per
     sequence: q_latent (B, H, d_c), q_pe (B, H, d_rope) against the cache kv
     (B, T, d_c), pe (B, T, d_rope), all of one dtype -> (B, H, d_c) in FP32
-    (scores, softmax and sums in FP32).
+    (scores, softmax and sums in FP32; on a GPU, BF16 inputs are multiplied
+    on the tensor cores in BF16).
+
+    `lengths` (B,) integers in [1, T], on kv's device: sequence b attends to
+    its first lengths[b] cached positions only (a batch of sequences of
+    different lengths, padded to T); default all T. Checking them reads them
+    on the host: one synchronisation, where they are given.
 
     The T cached positions are split into `n_splits` ranges (default: about
     256 positions each), one program per sequence and range, so a long cache
     keeps many programs busy at batch 1; each keeps a running maximum and sum
-    (online softmax), and a second kernel combines the ranges."""
+    (online softmax), and a second kernel combines the ranges. A range past a
+    sequence's length does no work and is weighted 0 by the combine."""
     _check_runnable(q_latent.device)
     b, h, c = q_latent.shape
     t, r = kv.shape[1], pe.shape[-1]
@@ -366,13 +401,23 @@ def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: fl
     n_splits = triton.cdiv(t, split_len)  # no empty split
     if len({x.dtype for x in (q_latent, q_pe, kv, pe)}) != 1:
         raise ValueError("q_latent, q_pe, kv and pe must share one dtype")
+    if lengths is None:
+        lengths = torch.full((b,), t, device=kv.device)
+    elif (lengths.shape != (b,) or lengths.is_floating_point()
+          or lengths.device != kv.device):
+        raise ValueError(f"lengths {tuple(lengths.shape)} must be (B,) = ({b},) "
+                         f"integers on {kv.device}, got {lengths.dtype} on "
+                         f"{lengths.device}")
+    elif not bool(((lengths >= 1) & (lengths <= t)).all()):
+        raise ValueError(f"lengths ({lengths.tolist()}) must be in [1, T = {t}]")
     inputs = [x.contiguous() for x in (q_latent, q_pe, kv, pe)]
     acc = torch.empty(b, n_splits, h, c, device=kv.device)
     m = torch.empty(b, n_splits, h, device=kv.device)
     l = torch.empty_like(m)
     _mla_decode_split_kernel[(b, n_splits)](
-        *inputs, acc, m, l, h, t, c, r, split_len, n_splits, scale,
-        BLOCK_H=_pow2(h), BLOCK_C=_pow2(c), BLOCK_R=_pow2(r), BLOCK_T=block_t)
+        *inputs, lengths.int(), acc, m, l, h, t, c, r, split_len, n_splits, scale,
+        BLOCK_H=_pow2(h), BLOCK_C=_pow2(c), BLOCK_R=_pow2(r), BLOCK_T=block_t,
+        DOT=_dot_dtype(kv.dtype, kv.device))
     out = torch.empty(b, h, c, device=kv.device)
     _mla_decode_combine_kernel[(b, h)](acc, m, l, out, h, c, n_splits,
                                        BLOCK_S=_pow2(n_splits, 2),
@@ -381,40 +426,72 @@ def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: fl
 
 
 # --------------------------------------------------------------- grouped GEMM
-def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
-                   block_m: int = 32) -> Tensor:
-    """`dsv3_lite.moe.grouped_linear` in one launch: x (T, in) with its rows
-    grouped by expert (counts[j] rows for expert j), weight (E, out, in)
-    -> (T, out). Each program computes one tile of block_m rows of one
-    expert; an expert without rows gets no tile. Products and sums in FP32,
-    the result in x's dtype. Forward only (no autograd)."""
-    _check_runnable(x.device)
-    _check_2d(x, "x")
-    e, n, k = weight.shape
-    if x.shape[1] != k or counts.shape != (e,):
-        raise ValueError(f"x (T, in) {tuple(x.shape)}, weight (E, out, in) "
-                         f"{tuple(weight.shape)} and counts (E,) "
-                         f"{tuple(counts.shape)} must agree")
-    # the tile schedule: expert j's rows [begin_j, end_j) cut into tiles of block_m
-    ends = counts.cumsum(0)
+def grouped_tile_schedule(counts: Tensor, n_rows: int,
+                          block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The grouped GEMM's schedule, computed on counts' device with no host
+    read of counts: expert j's rows [begin_j, end_j) cut into tiles of block_m
+    rows, listed expert by expert, in a fixed number of slots,
+    cdiv(n_rows, block_m) + E (every expert's last tile may be partial, so
+    that many tiles at most). Returns per slot (expert, start, end), int32;
+    a slot past the last tile has start >= end (an empty row range)."""
+    e = counts.shape[0]
+    n_slots = -(-n_rows // block_m) + e
     tiles = (counts + block_m - 1) // block_m
-    tile_expert = torch.repeat_interleave(torch.arange(e, device=x.device), tiles)
-    first_tile = (tiles.cumsum(0) - tiles)[tile_expert]
-    index_in_expert = torch.arange(len(tile_expert), device=x.device) - first_tile
-    tile_start = (ends - counts)[tile_expert] + index_in_expert * block_m
-    tile_end = ends[tile_expert]
-    weight = weight.to(x.dtype)  # as autocast would: x's precision
+    last_tile = tiles.cumsum(0)  # one past each expert's last tile
+    row_end = counts.cumsum(0)
+    slot = torch.arange(n_slots, device=counts.device)
+    # slot i belongs to the first expert whose tiles end after i; past the
+    # last tile, to the last expert, whose tiles it then runs past
+    expert = torch.searchsorted(last_tile, slot, right=True).clamp(max=e - 1)
+    index_in_expert = slot - (last_tile - tiles)[expert]
+    start = (row_end - counts)[expert] + index_in_expert * block_m
+    return expert.int(), start.int(), row_end[expert].int()
+
+
+def _grouped_linear_launch(x: Tensor, weight: Tensor,
+                           schedule: tuple[Tensor, Tensor, Tensor],
+                           block_m: int) -> Tensor:
+    """Run the kernel over a schedule (any order of its slots gives the same
+    result: the programs of a launch may run in any order)."""
+    n, k = weight.shape[1:]
     out = torch.empty(x.shape[0], n, device=x.device)  # FP32 sums
-    if len(tile_expert):
-        block_n = min(64, _pow2(n))
-        grid = (len(tile_expert), triton.cdiv(n, block_n))
+    block_n = min(64, _pow2(n))
+    grid = (len(schedule[0]), triton.cdiv(n, block_n))
+    if x.shape[0] and grid[0]:
         _grouped_linear_kernel[grid](
-            x.contiguous(), weight.contiguous(), out, tile_expert.int(),
-            tile_start.int(), tile_end.int(), n, k, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=min(64, _pow2(k)))
+            x.contiguous(), weight.contiguous(), out, *schedule, n, k,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(64, _pow2(k)),
+            DOT=_dot_dtype(x.dtype, x.device))
     # rounded to x's dtype by torch (Triton's interpreter truncates instead)
     return out.to(x.dtype)
 
 
-__all__ = ["interpreted", "use_triton", "act_quant",
-           "weight_dequant", "fp8_gemm", "mla_decode", "grouped_linear"]
+def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
+                   block_m: int = 32) -> Tensor:
+    """`dsv3_lite.moe.grouped_linear` in one launch: x (T, in) with its rows
+    grouped by expert (counts[j] rows for expert j, summing to T), weight
+    (E, out, in) -> (T, out). Each program computes one tile of block_m rows
+    of one expert; an expert without rows gets no tile. Products and sums in
+    FP32 (BF16 products on a GPU for BF16 inputs), the result in x's dtype.
+    Forward only (no autograd).
+
+    The host never reads `counts`: the grid is sized from the shapes alone,
+    cdiv(T, block_m) + E tiles, and each program reads its tile (expert, rows)
+    from a schedule built on the device (`grouped_tile_schedule`); programs
+    past the last real tile return at once. No synchronisation, so the call
+    can be captured in a CUDA graph and queued while the host runs ahead."""
+    _check_runnable(x.device)
+    _check_2d(x, "x")
+    _check_block_size(block_m, "block_m")
+    e, n, k = weight.shape
+    if x.shape[1] != k or counts.shape != (e,) or e == 0:
+        raise ValueError(f"x (T, in) {tuple(x.shape)}, weight (E, out, in) "
+                         f"{tuple(weight.shape)} and counts (E,) "
+                         f"{tuple(counts.shape)} must agree, with E >= 1")
+    schedule = grouped_tile_schedule(counts, x.shape[0], block_m)
+    weight = weight.to(x.dtype)  # as autocast would: x's precision
+    return _grouped_linear_launch(x, weight, schedule, block_m)
+
+
+__all__ = ["interpreted", "use_triton", "act_quant", "weight_dequant", "fp8_gemm",
+           "mla_decode", "grouped_tile_schedule", "grouped_linear"]
