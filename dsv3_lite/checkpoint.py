@@ -7,53 +7,80 @@
     tokenizer.json      the tokenizer, in Hugging Face's format
     trainer_state.pt    optimizer moments, step, data position, RNG states and
                         history (`Trainer.state_dict`)
+    manifest.json       the size and SHA-256 hash of each file above
+
+A save completes or changes nothing: the files are written into a hidden folder
+beside the target, flushed to the disk (fsync), and the folder is renamed into
+place in one step. A training run keeps its checkpoints in step folders of a run
+folder (`save_step`: runs/tiny/step-00000200, ...; the newest `keep` are kept), so
+a save cut short by a crash, a kill or a full disk leaves the previous checkpoint
+as it was. `load_checkpoint` of a run folder loads its newest checkpoint whose
+files match their manifest, and names any newer one it had to skip.
+
+Loading checks every file and every tensor: a file that differs from the manifest
+(flipped bytes, an edited config, another tokenizer), truncated, missing, left over
+or of another shape is an error that names it, never a partial load. Checkpoints
+without a manifest (the book's shipped one, older releases) load unverified.
 
 `export` copies a checkpoint without its trainer state (the optimizer's two moments
 take twice the weights' size): what inference needs, and what the book ships.
-
-Each file is written under a temporary name and then renamed, so no file is ever
-left half written; the files are replaced one after another, so a save interrupted
-between two of them leaves files of two different steps (save again before resuming).
-Loading checks every file and every tensor: a
-truncated file, a tensor missing, left over or of another shape is an error that
-names it, never a partial load.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import io
 import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 from typing import Any, NamedTuple
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import Trainer, TrainArgs
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+MANIFEST = "manifest.json"
 # The book's trained checkpoint, shipped inside the package (chapter 8; the README
 # gives the command that trains it)
 BOOK_CHECKPOINT = pathlib.Path(__file__).with_name("checkpoints") / "tiny8"
+STEP_FOLDER = re.compile(r"step-(\d{8})")
+LEFTOVER = re.compile(r"\.step-\d{8}\.(tmp|old)-\d+")  # of a save that was killed
 
 
 class Checkpoint(NamedTuple):
     """A loaded checkpoint: the model (in training mode), its tokenizer, the run's
     TrainArgs, the trainer state for `Trainer.load_state_dict` (None if saved
-    without a trainer, or `export`ed) and the data options given at saving."""
+    without a trainer, or `export`ed), the data options given at saving, the
+    folder it was read from, and why any newer checkpoint of a run was skipped."""
 
     model: Transformer
     tokenizer: BPETokenizer
     train_args: TrainArgs | None
     trainer_state: dict[str, Any] | None
     data: dict[str, Any]
+    path: pathlib.Path | None = None
+    skipped: tuple[str, ...] = ()
+
+
+def sha256(path: str | pathlib.Path) -> str:
+    """The SHA-256 hash of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor],
@@ -70,38 +97,154 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor],
     return state, stored_as
 
 
-def _write(path: pathlib.Path, write) -> None:
-    """write(temporary path), then rename it to `path` in one step."""
-    temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
-    os.replace(temporary, path)
+def _fsync(path: pathlib.Path) -> None:
+    """Flush a folder's entries (new names, renames) to the disk, where the system
+    allows it (not on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: pathlib.Path, data: bytes, durable: bool) -> None:
+    """Write a new file; with `durable`, wait until its bytes are on the disk."""
+    with open(path, "xb") as file:
+        file.write(data)
+        file.flush()
+        if durable:
+            os.fsync(file.fileno())
+
+
+def _publish(files: dict[str, bytes], directory: pathlib.Path, durable: bool,
+             replace: bool) -> None:
+    """Write `files` (name -> bytes) and, with `durable`, their manifest into a
+    hidden folder beside `directory`, then rename it to `directory` (which must
+    not exist, be empty, or with `replace` is swapped out and removed). A failure
+    removes the hidden folder and leaves `directory` as it was; a full disk says
+    so."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    for leftover in (temporary, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        temporary.mkdir()
+        manifest = {}
+        for name, data in files.items():
+            _write_bytes(temporary / name, data, durable)
+            if durable:
+                manifest[name] = {"bytes": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()}
+        if durable:
+            text = json.dumps({"files": manifest}, indent=2) + "\n"
+            _write_bytes(temporary / MANIFEST, text.encode(), durable)
+            _fsync(temporary)
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        elif directory.exists():
+            if not replace:
+                raise FileExistsError(f"{directory} exists and is not empty")
+            os.rename(directory, old)
+        os.rename(temporary, directory)
+    except BaseException as err:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "the disk is full: the checkpoint "
+                          f"{directory} was not saved, and the folder holds what it "
+                          "held before (free some space, then save or --resume "
+                          "again)",
+                          str(directory)) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if durable:
+        _fsync(directory.parent)
+
+
+def _config(model: Transformer, trainer: Trainer | None,
+            data: dict[str, Any] | None) -> dict[str, Any]:
+    return {"model": dataclasses.asdict(model.args),
+            "train": dataclasses.asdict(trainer.args) if trainer else None,
+            "data": data or {}, "trainer_state": trainer is not None}
 
 
 def save_checkpoint(directory: str | pathlib.Path, model: Transformer,
                     tokenizer: BPETokenizer, trainer: Trainer | None = None,
-                    data: dict[str, Any] | None = None) -> pathlib.Path:
+                    data: dict[str, Any] | None = None, *, overwrite: bool = False,
+                    durable: bool = True) -> pathlib.Path:
     """Save `model`, `tokenizer` and (if given) the trainer's state and TrainArgs
-    into `directory` (created if needed); `data` records how the corpus was made,
-    as JSON. Returns the directory."""
+    as the folder `directory`, all at once (see the module docstring); `data`
+    records how the corpus was made, as JSON. `directory` must be new or empty,
+    unless `overwrite`. `durable=False` skips the fsyncs and the manifest (only to
+    measure what they cost: such a checkpoint loads unverified). Returns it."""
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise ValueError(f"{directory} is not empty: a checkpoint is saved into a "
+                         "new or empty folder (overwrite=True replaces it)")
     state, _ = _unique_state(model)
-    _write(directory / "model.safetensors",
-           lambda p: save_file({k: v.detach().cpu().contiguous()
-                                for k, v in state.items()}, str(p)))
-    config = {"model": dataclasses.asdict(model.args),
-              "train": dataclasses.asdict(trainer.args) if trainer else None,
-              "data": data or {}, "trainer_state": trainer is not None}
-    _write(directory / "config.json",
-           lambda p: p.write_text(json.dumps(config, indent=2) + "\n",
-                                  encoding="utf-8"))
-    _write(directory / "tokenizer.json", tokenizer.save)
+    files = {
+        "model.safetensors": safetensors.torch.save(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()}),
+        "config.json": (json.dumps(_config(model, trainer, data), indent=2)
+                        + "\n").encode(),
+        "tokenizer.json": tokenizer.tokenizer.to_str().encode(),
+    }
     if trainer is not None:
-        _write(directory / "trainer_state.pt",
-               lambda p: torch.save(trainer.state_dict(), p))
-    else:
-        (directory / "trainer_state.pt").unlink(missing_ok=True)
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        files["trainer_state.pt"] = buffer.getvalue()
+    _publish(files, directory, durable, replace=overwrite)
     return directory
+
+
+def steps_of(run: str | pathlib.Path) -> list[pathlib.Path]:
+    """The step folders of a run folder, oldest first."""
+    run = pathlib.Path(run)
+    if not run.is_dir():
+        return []
+    return sorted(p for p in run.iterdir()
+                  if STEP_FOLDER.fullmatch(p.name) and p.is_dir())
+
+
+def save_step(run: str | pathlib.Path, model: Transformer, tokenizer: BPETokenizer,
+              trainer: Trainer, data: dict[str, Any] | None = None, keep: int = 2,
+              durable: bool = True) -> pathlib.Path:
+    """Save the run's checkpoint at `trainer.step` as `run`/step-NNNNNNNN, then
+    remove all but the newest `keep` step folders, and any of a later step (left
+    by a run that was resumed from an earlier one). Returns the new folder."""
+    check_int("keep", keep, 1)
+    run = pathlib.Path(run)
+    directory = run / f"step-{trainer.step:08d}"
+    if run.is_dir():
+        for path in run.iterdir():
+            if LEFTOVER.fullmatch(path.name):
+                shutil.rmtree(path, ignore_errors=True)
+    save_checkpoint(directory, model, tokenizer, trainer, data, overwrite=True,
+                    durable=durable)
+    steps = steps_of(run)
+    later = [p for p in steps if p.name > directory.name]
+    earlier = [p for p in steps if p.name < directory.name]
+    for path in later + earlier[:max(0, len(earlier) - keep + 1)]:
+        shutil.rmtree(path)
+    return directory
+
+
+def write_file(path: str | pathlib.Path, text: str) -> None:
+    """Replace a text file in one step (a new file, fsync, rename)."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.unlink(missing_ok=True)
+        _write_bytes(temporary, text.encode("utf-8"), durable=True)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
@@ -147,17 +290,44 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
                          f"dsv3_lite run ({type(err).__name__}: {err})") from None
 
 
-def load_checkpoint(directory: str | pathlib.Path,
-                    device: torch.device | str = "cpu") -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`: the model is built from its
-    config.json on `device`, without drawing random numbers (torch's random state
-    stays as it was), and takes the saved weights."""
+def verify_manifest(directory: str | pathlib.Path) -> None:
+    """Check every file of a checkpoint against its manifest (size and SHA-256):
+    a ValueError names the first file that differs, is missing or is not listed."""
     directory = pathlib.Path(directory)
+    try:
+        text = (directory / MANIFEST).read_text(encoding="utf-8")
+        listed = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{directory / MANIFEST} is truncated or corrupt ({err})") \
+            from None
+    needed = set(FILES[:3]) | {p.name for p in directory.iterdir() if p.name in FILES}
+    for name in sorted(needed - set(listed)):
+        raise ValueError(f"{directory / name} is not in {MANIFEST}: the checkpoint "
+                         "was changed after it was saved")
+    for name, entry in listed.items():
+        path = directory / name
+        if path.is_symlink() or not path.is_file():
+            raise ValueError(f"{path} is missing or not a plain file, but "
+                             f"{MANIFEST} lists it")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{path} has {size:,} bytes, {MANIFEST} records "
+                             f"{entry['bytes']:,}: truncated or changed after saving")
+        if sha256(path) != entry["sha256"]:
+            raise ValueError(f"{path} does not match its SHA-256 hash in {MANIFEST}: "
+                             "its bytes changed after saving (a disk error, or an "
+                             "edit)")
+
+
+def _load_folder(directory: pathlib.Path, device: torch.device | str,
+                 check: bool) -> Checkpoint:
     absent = [f for f in FILES[:3] if not (directory / f).is_file()]
     if absent:
         raise FileNotFoundError(f"{directory} is not a dsv3_lite checkpoint: "
                                 f"{', '.join(absent)} missing (a checkpoint holds "
                                 f"{', '.join(FILES)})")
+    if check and (directory / MANIFEST).exists():
+        verify_manifest(directory)
     config = _read_config(directory)
     with torch.device("meta"):  # shapes only: the weights come from the file
         model = Transformer(config["model"])
@@ -175,30 +345,91 @@ def load_checkpoint(directory: str | pathlib.Path,
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
             raise ValueError(f"{path} is truncated or corrupt ({err})") from None
     return Checkpoint(model.train(), tokenizer, config["train"], state,
-                      config["data"])
+                      config["data"], directory)
 
 
-def export(source: str | pathlib.Path, target: str | pathlib.Path) -> pathlib.Path:
-    """Copy the checkpoint in `source` into `target` (created if needed) without
-    its trainer state: every other file as it is, and a config.json that still
-    records the run's TrainArgs. `load_checkpoint` reads the copy with
-    trainer_state None. Returns `target`."""
+def load_checkpoint(directory: str | pathlib.Path,
+                    device: torch.device | str = "cpu",
+                    verify: bool = True) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`, or the newest sound one of a
+    run folder written by `save_step` (`skipped` says why newer ones were not
+    taken). Its files are checked against the manifest (unless `verify=False`);
+    the model is built from config.json on `device`, without drawing random
+    numbers (torch's random state stays as it was), and takes the saved weights."""
+    directory = pathlib.Path(directory)
+    steps = steps_of(directory)
+    if not steps:
+        return _load_folder(directory, device, verify)
+    skipped = []
+    for step in reversed(steps):
+        try:
+            loaded = _load_folder(step, device, verify)
+        except (ValueError, FileNotFoundError) as err:
+            skipped.append(f"{step.name} skipped: {err}")
+            continue
+        return loaded._replace(skipped=tuple(skipped))
+    raise ValueError(f"{directory} holds no sound checkpoint: "
+                     + "; ".join(skipped))
+
+
+def export_problem(target: str | pathlib.Path) -> str | None:
+    """Why exporting into `target` would destroy something, or None: it must be
+    new, an empty folder, or an earlier release (a checkpoint without trainer
+    state)."""
+    target = pathlib.Path(target)
+    if not target.exists() and not target.is_symlink():
+        return None
+    if target.is_symlink() or not target.is_dir():
+        return "is a file, not a directory"
+    if steps_of(target) or (target / "trainer_state.pt").exists():
+        return "holds a resumable run (a trainer state): exporting would delete it"
+    if not any(target.iterdir()):
+        return None
+    try:
+        config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not (isinstance(config, dict) and config.get("trainer_state") is False):
+        return ("is a non-empty directory that is not a release (an exported "
+                "checkpoint, without trainer state): exporting would overwrite its "
+                "files")
+    return None
+
+
+def export(source: str | pathlib.Path, target: str | pathlib.Path,
+           overwrite: bool = False) -> pathlib.Path:
+    """Write the checkpoint in `source` (a checkpoint, or a run folder: its newest
+    sound checkpoint) as the folder `target`, without its trainer state: every
+    other file as it is, and a config.json that still records the run's TrainArgs.
+    `target` must be new, empty or an earlier release, unless `overwrite`; it is
+    replaced at once, like a save. A file of `source` that is a symbolic link is
+    refused. `load_checkpoint` reads the copy with trainer_state None. Returns
+    `target`."""
     source, target = pathlib.Path(source), pathlib.Path(target)
-    load_checkpoint(source)  # the whole checkpoint is sound
-    if target.resolve() == source.resolve():
+    folder = load_checkpoint(source).path  # the whole checkpoint is sound
+    if target.resolve() in (source.resolve(), folder.resolve()):
         raise ValueError(f"target ({target}) must differ from source ({source})")
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in ("trainer_state.pt", "config.json"):
-            _write(target / path.name, lambda p: shutil.copyfile(path, p))
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    problem = export_problem(target)
+    if problem and not overwrite:
+        raise ValueError(f"target ({target}) {problem}; choose a new or empty "
+                         "directory, or pass overwrite=True")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in ("trainer_state.pt", "config.json", MANIFEST):
+            continue
+        if path.is_symlink() or folder.resolve() not in path.resolve().parents:
+            raise ValueError(f"{path} is a symbolic link: export copies only the "
+                             "checkpoint's own files, never what a link points to")
+        if path.is_file():
+            files[path.name] = path.read_bytes()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["trainer_state"] = False
-    _write(target / "config.json",
-           lambda p: p.write_text(json.dumps(config, indent=2) + "\n",
-                                  encoding="utf-8"))
-    (target / "trainer_state.pt").unlink(missing_ok=True)
+    files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    _publish(files, target, durable=True, replace=True)
     return target
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "export",
-           "Checkpoint", "FILES", "BOOK_CHECKPOINT"]
+__all__ = ["save_checkpoint", "save_step", "load_checkpoint", "load_weights",
+           "export", "export_problem", "verify_manifest", "sha256", "steps_of",
+           "write_file",
+           "Checkpoint", "FILES", "MANIFEST", "BOOK_CHECKPOINT"]

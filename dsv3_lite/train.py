@@ -8,7 +8,8 @@ count.
 
 The command line trains a model with the whole recipe (`dsv3_lite.trainer`) on the
 book's corpus, a byte-level BPE tokenizer learned from it, and saves checkpoints
-(`dsv3_lite.checkpoint`):
+(`dsv3_lite.checkpoint`) as step folders of the run folder --out (the newest --keep
+of them; a save is complete or absent, and --resume takes the newest sound one):
 
     python -m dsv3_lite.train --preset tiny --steps 2000 --seed 0 --out runs/tiny
     python -m dsv3_lite.train --out runs/tiny --resume         # continue a run
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -38,7 +40,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3_lite.checkpoint import FILES, export, load_checkpoint, save_checkpoint
+from dsv3_lite.checkpoint import (FILES, MANIFEST, export, export_problem,
+                                  load_checkpoint, save_step, sha256, steps_of,
+                                  write_file)
 from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.data import Corpus, Document, build_documents, read_documents
 from dsv3_lite.model import Transformer
@@ -188,6 +192,8 @@ PRESETS: dict[str, Callable[[], ModelArgs]] = {
 MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelArgs) if f.name != "fp8"]
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainArgs)]
 DATA_DEFAULTS = {"text": None, "docs_per_domain": 6000}
+# also recorded with the data options, and checked by --resume
+RECORDED = ("preset", "text_sha256")
 TOKEN_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 SCHEDULES_HELP = (
     "Every schedule is a function of step / --steps: the fractions above "
@@ -227,11 +233,12 @@ def _parser() -> argparse.ArgumentParser:
                     "book's corpus (or --text) and save a checkpoint in --out.",
         epilog=SCHEDULES_HELP)
     parser.add_argument("--out", type=pathlib.Path, required=True,
-                        help="checkpoint directory")
+                        help="run folder: its checkpoints are its step-NNNNNNNN "
+                             "folders")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run saved in --out (with a larger "
                              "--steps: extend it, see the end of this help)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
+    parser.add_argument("--preset", choices=list(PRESETS),
                         help="model shape (tiny: ModelArgs.tiny with a 1,024-token "
                              "vocabulary; small: ModelArgs.small)")
     parser.add_argument("--text", default=argparse.SUPPRESS,
@@ -247,8 +254,13 @@ def _parser() -> argparse.ArgumentParser:
     release.add_argument("--export-only", type=pathlib.Path, metavar="DIR",
                          help="train nothing: copy the checkpoint in --out to DIR "
                               "as --export does, and stop")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let a new run replace a non-empty --out, and --export "
+                             "replace a DIR that is not a release")
     parser.add_argument("--save-every", type=int, default=0,
                         help="steps between checkpoints (default: at the end only)")
+    parser.add_argument("--keep", type=int, default=2,
+                        help="checkpoints kept in --out, the newest (default 2)")
     parser.add_argument("--stop-at", type=int,
                         help="stop after this step with a checkpoint, as an "
                              "interruption would; --resume continues")
@@ -312,6 +324,43 @@ def _check_unchanged(saved: dict[str, Any], given: dict[str, Any]) -> None:
                          "change them")
 
 
+def _check_recorded(saved: dict[str, Any], opts: argparse.Namespace) -> None:
+    """--resume: the preset and the --text file are the run's recorded ones."""
+    if opts.preset is not None and opts.preset != saved.get("preset"):
+        raise ValueError(f"--preset {opts.preset} (saved: {saved.get('preset')}): a "
+                         "resumed run keeps the settings it was saved with")
+    if saved["text"] is not None:
+        text = pathlib.Path(saved["text"])
+        if not text.is_file():
+            raise FileNotFoundError(f"--text {text}: the run's text file is gone")
+        if sha256(text) != saved.get("text_sha256"):
+            raise ValueError(f"--text {text}: the file changed since the run started "
+                             f"(its SHA-256 hash differs from the recorded one, "
+                             f"{saved.get('text_sha256')}); a resumed run must read "
+                             "the same data")
+
+
+def _resumable(opts: argparse.Namespace, device: torch.device):
+    """The newest sound checkpoint of the run folder --out, and notes on any newer
+    one skipped."""
+    if not steps_of(opts.out):
+        legacy = (opts.out / "config.json").is_file()
+        if legacy and not (opts.out / MANIFEST).exists():
+            raise ValueError(f"{opts.out} is a single-folder checkpoint without a "
+                             f"{MANIFEST} (from an older dsv3_lite): it cannot be "
+                             "verified, so it is not resumed; --export-only makes a "
+                             "release of it")
+        if opts.out.is_dir() and not (opts.out / "config.json").exists():
+            raise ValueError(f"{opts.out} holds no complete checkpoint to resume "
+                             "(was the run stopped before its first save?): start it "
+                             "again, with --overwrite")
+    saved = load_checkpoint(opts.out, device)
+    if saved.trainer_state is None:
+        raise ValueError(f"{opts.out} holds no trainer state to resume (a "
+                         "copy made for inference?)")
+    return saved
+
+
 class _Setup(NamedTuple):
     """A new run, or the run saved in --out with --resume (then `state` is its
     trainer state, and `saved_steps` the steps it was saved with)."""
@@ -323,6 +372,8 @@ class _Setup(NamedTuple):
     documents: list[Document]
     state: dict[str, Any] | None = None
     saved_steps: int | None = None
+    path: pathlib.Path | None = None
+    skipped: tuple[str, ...] = ()
 
 
 def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
@@ -340,14 +391,12 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
         if tokens_given:
             raise ValueError(f"--{next(iter(tokens_given))}_tokens: a resumed run "
                              "keeps the breakpoints it was saved with")
-        saved = load_checkpoint(opts.out, device)
-        if saved.trainer_state is None:
-            raise ValueError(f"{opts.out} holds no trainer state to resume (a "
-                             "copy made for inference?)")
+        saved = _resumable(opts, device)
         steps = train_given.pop("steps", saved.train_args.steps)
         _check_unchanged(dataclasses.asdict(saved.model.args), model_given)
         _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
         _check_unchanged(saved.data, data_given)
+        _check_recorded(saved.data, opts)
         taken = saved.trainer_state["step"]
         if steps < taken:
             raise ValueError(f"--steps ({steps}) must be >= the {taken} steps the "
@@ -355,22 +404,27 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
         return _Setup(saved.model, saved.tokenizer,
                       saved.train_args.replace(steps=steps), saved.data,
                       _documents(saved.data), saved.trainer_state,
-                      saved.train_args.steps)
-    if (opts.out / "config.json").exists():
-        raise ValueError(f"{opts.out} already holds a checkpoint: add --resume to "
-                         "continue it, or choose another --out")
+                      saved.train_args.steps, saved.path, saved.skipped)
+    if opts.out.exists() and not opts.overwrite:
+        if steps_of(opts.out) or (opts.out / "config.json").exists():
+            raise ValueError(f"{opts.out} already holds a checkpoint: add --resume "
+                             "to continue it, or choose another --out")
+        if not opts.out.is_dir() or any(opts.out.iterdir()):
+            raise ValueError(f"{opts.out} exists and is not an empty folder: choose "
+                             "another --out, or add --overwrite to replace it")
     if "precision" not in train_given:
         train_given["precision"] = "bf16" if device.type == "cuda" else "fp32"
     if "text" in data_given:
         data_given["text"] = str(pathlib.Path(data_given["text"]).resolve())
-    data = {**DATA_DEFAULTS, **data_given}
+    data = {**DATA_DEFAULTS, **data_given, "preset": opts.preset or "tiny"}
+    data["text_sha256"] = sha256(data["text"]) if data["text"] is not None else None
     train_args = TrainArgs(**train_given)
     try:
         train_args = train_args.in_tokens(**tokens_given)
     except ValueError as err:
         options = ", ".join(f"--{k}_tokens" for k in tokens_given)
         raise ValueError(f"{options}: {err}") from None
-    args = PRESETS[opts.preset]().replace(fp8=train_args.precision == "fp8",
+    args = PRESETS[data["preset"]]().replace(fp8=train_args.precision == "fp8",
                                           **model_given)
     documents = _documents(data)
     tokenizer = BPETokenizer.train((d.text for d in documents), args.vocab_size)
@@ -383,28 +437,15 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
     return _Setup(model, tokenizer, train_args, data, documents)
 
 
-def _is_release(directory: pathlib.Path) -> bool:
-    """Whether `directory` holds an exported checkpoint (no trainer state)."""
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (isinstance(config, dict) and config.get("trainer_state") is False
-            and not (directory / "trainer_state.pt").exists())
-
-
-def _check_release_target(option: str, target: pathlib.Path,
-                          out: pathlib.Path) -> None:
-    """Exporting replaces files in `target`: it must be new, empty or a release."""
+def _check_release_target(option: str, target: pathlib.Path, out: pathlib.Path,
+                          overwrite: bool) -> None:
+    """Exporting replaces `target`: it must be new, empty or a release."""
     if target.resolve() == out.resolve():
         raise ValueError(f"{option} ({target}) must differ from --out")
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{option} ({target}) is a file, not a directory")
-    if target.is_dir() and any(target.iterdir()) and not _is_release(target):
-        raise ValueError(f"{option} ({target}) is a non-empty directory that is not "
-                         "a release (an exported checkpoint, without trainer state): "
-                         "exporting would overwrite its files; choose a new or empty "
-                         "directory")
+    problem = export_problem(target)
+    if problem and not overwrite:
+        raise ValueError(f"{option} ({target}) {problem}; choose a new or empty "
+                         "directory (--overwrite replaces it)")
 
 
 def _warmup_warning(args: TrainArgs) -> str | None:
@@ -419,19 +460,22 @@ def _export_only(opts: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     """--export-only: copy the checkpoint in --out to a release, train nothing."""
     names = {action.dest: action.option_strings[0] for action in parser._actions}
     options = [names[k] for k, v in vars(opts).items()
-               if k not in ("out", "export_only", "preset") and v not in (None, False)
-               and not (k == "save_every" and v == 0)]
+               if k not in ("out", "export_only", "overwrite")
+               and v != parser.get_default(k)]
     if options:
         parser.error(f"--export-only trains nothing: drop {', '.join(options)}")
     try:
-        _check_release_target("--export-only", opts.export_only, opts.out)
+        _check_release_target("--export-only", opts.export_only, opts.out,
+                              opts.overwrite)
         saved = load_checkpoint(opts.out)
-        export(opts.out, opts.export_only)
+        export(opts.out, opts.export_only, overwrite=opts.overwrite)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     step = saved.trainer_state["step"] if saved.trainer_state else None
     where = (f"step {step} of {saved.train_args.steps}" if step is not None
              else "a release")
+    for note in saved.skipped:
+        print(note, file=sys.stderr)
     print(f"exported {opts.out} ({where}) without its trainer state, for "
           f"inference: {opts.export_only}")
 
@@ -464,9 +508,14 @@ def main(argv: list[str] | None = None) -> None:
     """The command line (see the module docstring and --help)."""
     parser = _parser()
     opts = parser.parse_args(argv)
+    for option, value, minimum in (("--save-every", opts.save_every, 0),
+                                   ("--keep", opts.keep, 1),
+                                   ("--threads", opts.threads, 1)):
+        if value is not None and value < minimum:
+            parser.error(f"{option} ({value}) must be >= {minimum}")
     if opts.export_only:
         return _export_only(opts, parser)
-    if opts.threads:
+    if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     rank, world_size, device = _start_processes(opts.device)
     try:
@@ -481,18 +530,29 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
     say = print if rank == 0 else (lambda *_, **__: None)
     try:
         if opts.export:
-            _check_release_target("--export", opts.export, opts.out)
+            _check_release_target("--export", opts.export, opts.out, opts.overwrite)
         run = _setup(opts, device)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
+    if rank == 0 and opts.overwrite and not opts.resume and opts.out.exists():
+        if opts.out.is_dir() and not opts.out.is_symlink():
+            shutil.rmtree(opts.out)
+        else:
+            opts.out.unlink()
     model, tokenizer, train_args = run.model, run.tokenizer, run.train_args
     data = run.data
     corpus = Corpus(run.documents, tokenizer=tokenizer,
                     fim_rate=train_args.fim_rate, seed=train_args.seed)
     trainer = Trainer(model, corpus, train_args)
     if run.state is not None:
-        trainer.load_state_dict(run.state)
-        say(f"resuming {opts.out} at step {trainer.step} of {train_args.steps}")
+        try:
+            trainer.load_state_dict(run.state)
+        except (ValueError, TypeError) as err:
+            parser.error(f"{run.path / 'trainer_state.pt'}: {err}")
+        for note in run.skipped:
+            say(note)
+        say(f"resuming {opts.out} from {run.path.name} (step {trainer.step} of "
+            f"{train_args.steps})")
     if run.saved_steps not in (None, train_args.steps):
         lr = trainer.history.lr
         say(f"extended from {run.saved_steps} to {train_args.steps} steps: from step "
@@ -514,12 +574,18 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
         print(warning, file=sys.stderr)
     say(_describe(trainer, tokenizer, opts.out))
 
+    saved = []
+
     def save() -> None:
-        if rank == 0:
-            save_checkpoint(opts.out, model, tokenizer, trainer, data)
-            (opts.out / "history.json").write_text(
-                json.dumps(dataclasses.asdict(trainer.history)) + "\n",
-                encoding="utf-8")
+        if rank != 0:
+            return
+        try:
+            saved.append(save_step(opts.out, model, tokenizer, trainer, data,
+                                   keep=opts.keep))
+            write_file(opts.out / "history.json",
+                       json.dumps(dataclasses.asdict(trainer.history)) + "\n")
+        except OSError as err:
+            sys.exit(f"error: {err}")
 
     def after_step(trainer: Trainer) -> None:
         history = trainer.history
@@ -542,12 +608,12 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
     if world_size > 1:
         agree = trainer.balance_biases_agree()
         say(f"balance biases identical on all {world_size} processes: {agree}")
-    say(f"checkpoint at step {trainer.step}: {opts.out} ({', '.join(FILES)}, "
-        "history.json)")
+    say(f"checkpoint at step {trainer.step}: {saved[-1] if saved else opts.out} "
+        f"({', '.join(FILES)}, {MANIFEST}); history in {opts.out / 'history.json'}")
     if opts.export and trainer.step < train_args.steps:
         say(f"not exported to {opts.export}: the run stopped before its last step")
     elif opts.export and rank == 0:
-        export(opts.out, opts.export)
+        export(opts.out, opts.export, overwrite=opts.overwrite)
         say(f"for inference, without the trainer state: {opts.export}")
 
 

@@ -637,15 +637,24 @@ class Trainer:
         missing = {"step", "position", "optimizer", "history", "rng"} - set(state)
         if missing:
             raise ValueError(f"the trainer state lacks {sorted(missing)}")
-        if not 0 <= state["step"] <= self.args.steps:
-            raise ValueError(f"the trainer state is at step {state['step']}, outside "
+        step, position = state["step"], state["position"]
+        check_int("the trainer state's step", step, 0)
+        check_int("the trainer state's position", position, 0)
+        if step > self.args.steps:
+            raise ValueError(f"the trainer state is at step {step}, outside "
                              f"this run's 0 .. {self.args.steps} steps")
+        # each step takes between batch_size_start and batch_size sequences
+        low, high = sorted((self.args.batch_size_start, self.args.batch_size))
+        if not step * low <= position <= step * high:
+            raise ValueError(f"the trainer state's position ({position:,} sequences) "
+                             f"cannot follow {step} steps of {low} to {high} "
+                             "sequences: the state is corrupt or was edited")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
             raise ValueError("the optimizer state does not fit this model's "
                              f"parameters: {err}") from None
-        self.step, self.position = state["step"], state["position"]
+        self.step, self.position = step, position
         self.history = History.from_dict(state["history"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

@@ -14,6 +14,7 @@ BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
 # The smallest run of each script: a few steps, one seed where it allows one, tiny shapes.
 SMALLEST = {
     "attention_variants.py": ["--seeds", "0", "1", "--steps", "2"],
+    "checkpoint.py": ["--quick"],
     "corpus_learning_curve.py": ["--steps", "2", "--eval-every", "1", "--batch", "2", "--seq-len", "16"],
     "decoding.py": ["--questions", "8", "--prompts", "1", "--new-tokens", "4", "--batch", "2", "--reps", "1",
                     "--runs", "1"],

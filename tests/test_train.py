@@ -3,21 +3,25 @@ bad settings or a diverging run stop with an error that says what to change. The
 saves, resumes bit for bit, explains its errors, and runs under torchrun with DDP."""
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
 import pathlib
+import random
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from dsv3_lite.checkpoint import load_checkpoint
+from dsv3_lite import checkpoint
+from dsv3_lite.checkpoint import MANIFEST, load_checkpoint, steps_of, verify_manifest
 from dsv3_lite.data import Corpus, Document
 from dsv3_lite.train import _parser, _tokens, evaluate, lr_at, main, train_lm
 from dsv3_lite.trainer import TrainArgs
@@ -187,22 +191,42 @@ def history_of(out):
     return json.loads((out / "history.json").read_text())
 
 
+def newest(out):
+    """The folder of the run's newest checkpoint."""
+    return steps_of(out)[-1]
+
+
+def files_of(folder):
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_command_line_trains_saves_and_resumes_bit_for_bit(tmp_path, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
     main(["--out", str(whole), "--seed", "1", *CLI])
     printed = capsys.readouterr().out
-    assert f"checkpoint at step 8: {whole} (model.safetensors, config.json, tokenizer.json" in printed
+    assert f"checkpoint at step 8: {whole / 'step-00000008'} (model.safetensors, config.json, tokenizer.json" \
+        in printed
     assert re.search(r"step 8: validation loss \d\.\d+ nats/token \(english ", printed)
-    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "history.json"} <= \
-        {p.name for p in whole.iterdir()}
-    assert json.loads((whole / "config.json").read_text())["model"]["dim"] == 32
+    assert sorted(p.name for p in whole.iterdir()) == ["history.json", "step-00000008"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", MANIFEST} == \
+        {p.name for p in newest(whole).iterdir()}
+    assert json.loads((newest(whole) / "config.json").read_text())["model"]["dim"] == 32
     main(["--out", str(split), "--seed", "1", *CLI, "--stop-at", "3"])
     assert len(history_of(split)["train_loss"]) == 3
     main(["--out", str(split), "--resume"])
-    assert "resuming" in capsys.readouterr().out
+    assert f"resuming {split} from step-00000003 (step 3 of 8)" in capsys.readouterr().out
     assert history_of(split)["train_loss"] == history_of(whole)["train_loss"]
     assert history_of(split)["val_loss"] == history_of(whole)["val_loss"]
-    assert (split / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert same_checkpoint(split, whole)
+
+
+def same_checkpoint(a, b):
+    """Whether two runs end on the same step with the same weights, config and tokenizer, byte for byte (the
+    trainer state differs only by the recorded speeds)."""
+    return newest(a).name == newest(b).name and all(
+        (newest(a) / name).read_bytes() == (newest(b) / name).read_bytes()
+        for name in ("model.safetensors", "config.json", "tokenizer.json"))
 
 
 def test_command_line_exports_an_inference_copy_at_the_end(tmp_path, capsys):
@@ -212,7 +236,7 @@ def test_command_line_exports_an_inference_copy_at_the_end(tmp_path, capsys):
     assert "not exported" in capsys.readouterr().out
     main(["--out", str(run), "--resume", "--export", str(copy)])
     assert f"for inference, without the trainer state: {copy}" in capsys.readouterr().out
-    assert (copy / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+    assert (copy / "model.safetensors").read_bytes() == (newest(run) / "model.safetensors").read_bytes()
     assert not (copy / "trainer_state.pt").exists()
     with pytest.raises(SystemExit):
         main(["--out", str(copy), "--resume"])
@@ -231,10 +255,130 @@ def test_command_line_errors(tmp_path, capsys):
             (["--out", str(out), "--resume", "--lr", "0.1"], r"--lr 0.1 \(saved: 0.003\): a resumed run keeps"),
             (["--out", str(tmp_path / "none"), "--resume"], "is not a dsv3_lite checkpoint"),
             (["--out", str(tmp_path / "new"), "--n_activated_experts", "9"], r"n_activated_experts \(9\) must be"),
-            (["--out", str(tmp_path / "new"), "--precision", "fp16"], r"precision \('fp16'\)")]:
+            (["--out", str(tmp_path / "new"), "--precision", "fp16"], r"precision \('fp16'\)"),
+            (["--out", str(tmp_path / "new"), "--save-every", "-1"], r"--save-every \(-1\) must be >= 0"),
+            (["--out", str(tmp_path / "new"), "--threads", "0"], r"--threads \(0\) must be >= 1"),
+            (["--out", str(tmp_path / "new"), "--keep", "0"], r"--keep \(0\) must be >= 1"),
+            (["--out", str(out), "--resume", "--preset", "small"], r"--preset small \(saved: tiny\): a resumed"),
+            (["--out", str(out), "--resume", "--route_scale", "2.0"], r"--route_scale 2.0 \(saved: 1.0\)"),
+            (["--out", str(out), "--resume", "--seed", "5"], r"--seed 5 \(saved: 0\)")]:
         with pytest.raises(SystemExit):
             main(argv)
         assert re.search(message, capsys.readouterr().err), argv
+    assert not (tmp_path / "new").exists()
+
+
+def test_command_line_never_replaces_what_it_did_not_create(tmp_path, capsys):
+    """A new run wants a new or empty --out (--overwrite replaces one); a run stopped before its first save, or
+    a checkpoint without a manifest (an older dsv3_lite's), is not resumed."""
+    notes, legacy, unfinished = tmp_path / "notes", tmp_path / "legacy", tmp_path / "unfinished"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    main(["--out", str(legacy), *CLI, "--steps", "2"])
+    step = steps_of(legacy)[-1]
+    (step / MANIFEST).unlink()
+    for path in step.iterdir():
+        path.rename(legacy / path.name)
+    step.rmdir()
+    (unfinished / ".step-00000001.tmp-12345").mkdir(parents=True)  # a first save, killed
+    capsys.readouterr()
+    for argv, message in [
+            (["--out", str(notes), *CLI], r"notes exists and is not an empty folder: choose another --out, or add "
+                                          r"--overwrite"),
+            (["--out", str(legacy), "--resume"], r"is a single-folder checkpoint without a manifest.json \(from an "
+                                                 r"older dsv3_lite\): it cannot be verified"),
+            (["--out", str(unfinished), "--resume"], r"holds no complete checkpoint to resume \(was the run stopped "
+                                                     r"before its first save\?\)")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert re.search(message, capsys.readouterr().err), argv
+    assert (notes / "todo.txt").read_text() == "keep me"
+    main(["--out", str(unfinished), *CLI, "--steps", "2", "--overwrite"])
+    assert sorted(p.name for p in unfinished.iterdir()) == ["history.json", "step-00000002"]
+
+
+def test_command_line_keeps_the_newest_checkpoints(tmp_path):
+    main(["--out", str(tmp_path / "two"), *CLI, "--steps", "4", "--save-every", "1"])
+    assert [p.name for p in steps_of(tmp_path / "two")] == ["step-00000003", "step-00000004"]
+    main(["--out", str(tmp_path / "one"), *CLI, "--steps", "4", "--save-every", "1", "--keep", "1"])
+    assert [p.name for p in steps_of(tmp_path / "one")] == ["step-00000004"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The uninterrupted run the interrupted ones below must reproduce."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    main(["--out", str(out), *CLI])
+    return out
+
+
+def test_command_line_resumes_from_the_newest_sound_checkpoint(whole_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["--out", str(out), *CLI, "--save-every", "1", "--stop-at", "5"])
+    state = newest(out) / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x10  # a flipped bit in the newest checkpoint
+    state.write_bytes(bytes(data))
+    capsys.readouterr()
+    main(["--out", str(out), "--resume"])
+    printed = capsys.readouterr().out
+    assert re.search(r"step-00000005 skipped: .*step-00000005/trainer_state.pt does not match its SHA-256 hash",
+                     printed)
+    assert f"resuming {out} from step-00000004 (step 4 of 8)" in printed
+    assert same_checkpoint(out, whole_run)
+    assert history_of(out)["train_loss"] == history_of(whole_run)["train_loss"]
+
+
+def test_command_line_says_when_the_disk_is_full(whole_run, tmp_path, monkeypatch):
+    """A write that fails with ENOSPC (simulated) stops the run with a message that says the disk is full and
+    names the checkpoint; the previous checkpoint is intact and resumes to the uninterrupted run."""
+    out = tmp_path / "run"
+    write = checkpoint._write_bytes
+
+    def full_at_step_5(path, data, durable):
+        if path.parent.name.startswith(".step-00000005.") and path.name == "trainer_state.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data, durable)
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full_at_step_5)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(out), *CLI, "--save-every", "1"])
+    assert str(stopped.value.code).startswith(f"error: [Errno {errno.ENOSPC}] the disk is full: the checkpoint "
+                                              f"{out / 'step-00000005'} was not saved")
+    assert [p.name for p in sorted(out.iterdir())] == ["history.json", "step-00000003", "step-00000004"]
+    monkeypatch.setattr(checkpoint, "_write_bytes", write)
+    main(["--out", str(out), "--resume"])
+    assert same_checkpoint(out, whole_run)
+
+
+def test_command_line_survives_kill_9_during_saves(whole_run, tmp_path):
+    """SIGKILL the training command line while it saves (--save-every 1), at seeded offsets of 0-10 ms after a
+    chosen step's save began, then resume it: every step folder left is complete and consistent (its files
+    match the manifest, its trainer state is of its step), and the resumed runs end bit for bit on the
+    uninterrupted run. Each resume is itself killed at a later step, so the chain crosses several kills."""
+    rng = random.Random(0)
+    out = tmp_path / "run"
+    threads = ["--threads", str(torch.get_num_threads())]  # the same arithmetic as this process's runs
+    argv = ["--out", str(out), *CLI, "--save-every", "1", *threads]
+    for target in sorted(rng.sample(range(2, 8), 3)):
+        process = subprocess.Popen([sys.executable, "-m", "dsv3_lite.train", *argv], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        saving = re.compile(rf"\.?step-{target:08d}(\.tmp-\d+)?")
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if out.is_dir() and any(saving.fullmatch(name) for name in os.listdir(out)):
+                break
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0, 0.010))
+        process.kill()
+        process.wait()
+        for folder in steps_of(out):
+            verify_manifest(folder)
+            assert load_checkpoint(folder).trainer_state["step"] == int(folder.name[5:]), folder
+        argv = ["--out", str(out), "--resume", "--save-every", "1", *threads]
+    main(["--out", str(out), "--resume", "--save-every", "1"])
+    assert same_checkpoint(out, whole_run)
+    assert history_of(out)["train_loss"] == history_of(whole_run)["train_loss"]
 
 
 def test_command_line_extends_a_finished_run(tmp_path, capsys):
@@ -243,7 +387,7 @@ def test_command_line_extends_a_finished_run(tmp_path, capsys):
     out = tmp_path / "run"
     main(["--out", str(out), *CLI, "--steps", "5", "--decay_start_tokens", "0.5", "--mtp_switch_tokens", "100"])
     assert "warning" not in capsys.readouterr().err
-    saved = json.loads((out / "config.json").read_text())["train"]
+    saved = json.loads((newest(out) / "config.json").read_text())["train"]
     given = TrainArgs(**{**saved, "decay_start": TrainArgs.decay_start, "mtp_switch": TrainArgs.mtp_switch})
     assert saved == dataclasses.asdict(given.in_tokens(decay_start=0.5, mtp_switch=100))
     main(["--out", str(out), "--resume", "--steps", "8"])
@@ -254,7 +398,7 @@ def test_command_line_extends_a_finished_run(tmp_path, capsys):
     assert history["lr"][5:] == [longer.lr_at(s) for s in range(5, 8)]
     assert history["batch_size"][5:] == [longer.batch_size_at(s) for s in range(5, 8)]
     assert [step for step, _ in history["val_loss"]] == [5, 8]
-    assert json.loads((out / "config.json").read_text())["train"] == dataclasses.asdict(longer)
+    assert json.loads((newest(out) / "config.json").read_text())["train"] == dataclasses.asdict(longer)
     for argv, message in [
             (["--resume"], r"is complete \(step 8 of 8\): nothing to resume; a larger --steps extends it"),
             (["--resume", "--steps", "6"], rf"--steps \(6\) must be >= the 8 steps the run in {out} has taken"),
@@ -271,21 +415,21 @@ def test_command_line_exports_a_release_without_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: --warmup_steps (3) is longer than the run (2 steps): the learning rate warms up "
                      "over all 2 steps") == 1
-    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    files = files_of(run)
     main(["--out", str(run), "--export-only", str(release)])
     assert f"exported {run} (step 2 of 2) without its trainer state, for inference: {release}" \
         in capsys.readouterr().out
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # nothing trained, nothing saved
-    assert (release / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert files_of(run) == files  # nothing trained, nothing saved
+    assert (release / "model.safetensors").read_bytes() == files["step-00000002/model.safetensors"]
     assert not (release / "trainer_state.pt").exists() and load_checkpoint(release).trainer_state is None
     main(["--out", str(run), "--export-only", str(release)])  # a release may be exported over
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     for argv, message in [
             (["--out", str(release), "--export-only", str(run)],
-             rf"--export-only \({run}\) is a non-empty directory that is not a release"),
+             rf"--export-only \({run}\) holds a resumable run \(a trainer state\): exporting would delete it"),
             (["--out", str(tmp_path / "new"), *CLI, "--export", str(run)],
-             rf"--export \({run}\) is a non-empty directory that is not a release"),
+             rf"--export \({run}\) holds a resumable run"),
             (["--out", str(run), "--export-only", str(tmp_path / "notes")],
              r"--export-only \(.*notes\) is a non-empty directory that is not a release"),
             (["--out", str(run), "--export-only", str(run)], "must differ from --out"),
@@ -295,7 +439,7 @@ def test_command_line_exports_a_release_without_training(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert re.search(message, capsys.readouterr().err), argv
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == files  # a run is never exported over
+    assert files_of(run) == files  # a run is never exported over
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
 
 
@@ -352,8 +496,18 @@ def test_command_line_trains_on_a_text_file(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(f"Note {i}: the tide was {'high' if i % 2 else 'low'} at {i} o'clock. 潮水。"
                                 for i in range(60)), encoding="utf-8")
-    main(["--out", str(tmp_path / "run"), "--text", str(text), *CLI[2:], "--steps", "2", "--fim_rate", "0.0"])
+    main(["--out", str(tmp_path / "run"), "--text", str(text), *CLI[2:], "--steps", "2", "--fim_rate", "0.0",
+          "--stop-at", "1"])
     assert "domains=('text',)" in capsys.readouterr().out
+    original = text.read_bytes()
+    text.write_bytes(original.replace(b"tide", b"Tide"))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--resume"])
+    assert re.search(r"--text .*notes.txt: the file changed since the run started \(its SHA-256 hash differs",
+                     capsys.readouterr().err)
+    text.write_bytes(original)
+    main(["--out", str(tmp_path / "run"), "--resume"])
+    assert "resuming" in capsys.readouterr().out
 
 
 def run_to_completion(command, seconds):
