@@ -14,8 +14,10 @@ scripted session reads like a typed one:
 from __future__ import annotations
 
 import argparse
+import io
 import pathlib
 import sys
+import unicodedata
 
 from dsv3_lite.checkpoint import BOOK_CHECKPOINT
 from dsv3_lite.client import Client
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # bytes that are not UTF-8 become U+FFFD instead of ending the session
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
     typed = sys.stdin.isatty()
     if typed:
         print(f"{opts.checkpoint.name}: ask a question; q quits.")
@@ -83,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C ends the chat like q, without a traceback
         print()
         return 130
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters other than newline and tab written as escapes
+    (\\x1b), so that neither a question nor an answer can drive the terminal (ANSI
+    escape sequences move the cursor, clear the screen, set the title)."""
+    def shown(c: str) -> str:
+        control = unicodedata.category(c) == "Cc" and c not in "\n\t"
+        return repr(c)[1:-1] if control else c
+
+    return "".join(map(shown, text))
 
 
 def _loop(client: Client, options: dict, typed: bool, speculative: bool) -> int:
@@ -95,7 +111,7 @@ def _loop(client: Client, options: dict, typed: bool, speculative: bool) -> int:
             return 0
         question = line.strip()
         if not typed:
-            print(question)
+            print(_printable(question))
         if question == "q":
             return 0
         if not question:
@@ -106,7 +122,7 @@ def _loop(client: Client, options: dict, typed: bool, speculative: bool) -> int:
             print(f"error: {err}")
             continue
         for piece in answer:
-            print(piece, end="", flush=True)
+            print(_printable(piece), end="", flush=True)
         print()
         if speculative:
             print(_drafts(answer.result["stats"]))

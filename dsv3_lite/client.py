@@ -69,6 +69,9 @@ class Client:
                                 stop, speculative, draft_depth)
         if isinstance(text, str):
             return self._generate([self._encode(text)], options)[0]
+        if not isinstance(text, Sequence) or not text:
+            raise TypeError(f"text must be a str or a non-empty list of str, got "
+                            f"{type(text).__name__}")
         prompts = [self._encode(t) for t in text]
         results: list[dict[str, Any] | None] = [None] * len(prompts)
         by_length: dict[int, list[int]] = {}
@@ -132,8 +135,14 @@ class Client:
                  stop: bool, speculative: bool, draft_depth: int | None
                  ) -> dict[str, Any]:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or seed < 0):
-            raise ValueError(f"seed ({seed!r}) must be an int >= 0, or None")
+                                 or not 0 <= seed < 2 ** 64):
+            raise ValueError(f"seed ({seed!r}) must be an int in [0, 2**64), or None")
+        if not isinstance(stop, bool):
+            raise TypeError(f"stop must be True (end at the end-of-text token) or "
+                            f"False, got {stop!r}: stop strings are not supported")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError("temperature must be a number, got "
+                            f"{type(temperature).__name__} {temperature!r}")
         generator = torch.Generator(device=self._device)
         if temperature > 0:  # greedy decoding draws no random numbers
             seed = generator.seed() if seed is None else seed

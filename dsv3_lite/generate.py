@@ -29,8 +29,10 @@ those are recomputed at the next step (`_Drafter`).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -224,15 +226,24 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
         raise ValueError("prompt length + max_new_tokens "
                          f"({tokens.shape[1]} + {max_new_tokens}) must be <= "
                          f"max_seq_len ({model.args.max_seq_len})")
-    if not temperature >= 0:
-        raise ValueError(f"temperature ({temperature}) must be >= 0")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError("temperature must be a number, got "
+                        f"{type(temperature).__name__} {temperature!r}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature ({temperature}) must be finite and >= 0 "
+                         "(0: greedy; an infinite one would sample uniform noise)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
         raise ValueError(f"top_k ({top_k!r}) must be an int >= 1, or None for all "
                          "tokens")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and (isinstance(top_p, bool)
+                              or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
         raise ValueError(f"top_p ({top_p!r}) must be in (0, 1], or None for all "
                          "tokens")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        warnings.warn("top_k and top_p restrict sampling; with temperature 0 "
+                      "decoding is greedy and they change nothing", stacklevel=3)
     if stop_token is not None and (
             isinstance(stop_token, bool) or not isinstance(stop_token, int)
             or not 0 <= stop_token < model.args.vocab_size):
@@ -368,7 +379,7 @@ def stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
                                    stop_token))
 
 
-_LOCKS: "weakref.WeakKeyDictionary[Transformer, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Lock
 _LOCKS_GUARD = threading.Lock()
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dsv3_lite import train
+from dsv3_lite.chat import _printable
 from dsv3_lite.checkpoint import BOOK_CHECKPOINT, save_checkpoint
 from dsv3_lite.client import Client
 from dsv3_lite.config import ModelArgs
@@ -175,7 +176,7 @@ def test_bad_requests_raise_clear_errors(client, tmp_path):
         client.generate(text=[3])
     with pytest.raises(TypeError, match="text must be str, got list"):
         client.stream(text=["a"])
-    with pytest.raises(ValueError, match=r"seed \(-1\) must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"seed \(-1\) must be an int in \[0, 2\*\*64\)"):
         client.generate(text="a", temperature=1.0, seed=-1)
     with pytest.raises(ValueError, match=r"top_p \(2\) must be in \(0, 1\]"):
         client.generate(text="a", temperature=1.0, top_p=2)
@@ -197,7 +198,8 @@ def chat(*args, stdin=""):
 def test_chat_answers_each_question_until_q(checkpoint, client):
     done = chat("--checkpoint", checkpoint, "--max-new-tokens", 12, stdin="What is 35 * 9?\n\nWhat is 7 * 8?\nq\nnever asked\n")
     assert done.returncode == 0, done.stderr
-    answers = [client.generate(text=q, max_new_tokens=12)["generated_text"] for q in ("What is 35 * 9?", "What is 7 * 8?")]
+    answers = [_printable(client.generate(text=q, max_new_tokens=12)["generated_text"])
+               for q in ("What is 35 * 9?", "What is 7 * 8?")]
     assert done.stdout == (f"> What is 35 * 9?\n{answers[0]}\n> \n> What is 7 * 8?\n{answers[1]}\n> q\n")
 
 
@@ -239,6 +241,43 @@ def test_ctrl_c_ends_the_chat_without_a_traceback(checkpoint):
 def test_chat_rejects_bad_options_before_the_first_question(checkpoint):
     done = chat("--checkpoint", checkpoint, "--temperature", 1, "--top-k", 0, stdin="What is 2 + 2?\n")
     assert done.returncode == 2 and "top_k (0) must be an int >= 1" in done.stderr
+
+
+def test_the_chat_writes_control_characters_as_escapes():
+    assert _printable("a\x1b[2Jb\x07\u009b\n\tc 你好") == "a\\x1b[2Jb\\x07\\x9b\n\tc 你好"
+
+
+def test_chat_echoes_no_escape_sequence_and_survives_bytes_that_are_not_utf8(checkpoint):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "dsv3_lite.chat", "--checkpoint", str(checkpoint),
+                           "--max-new-tokens", "4"], input=b"\x1b]0;owned\x07What is 7?\nbad \xff\xfe byte\n",
+                          capture_output=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
+    assert "\x1b" not in out and "\x07" not in out
+    assert "> \\x1b]0;owned\\x07What is 7?\n" in out and "> bad \ufffd\ufffd byte\n" in out
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(stop="####"), TypeError, "stop must be True"),
+    (dict(temperature=float("inf")), ValueError, "must be finite"),
+    (dict(temperature="0.5"), TypeError, "temperature must be a number"),
+    (dict(seed=2 ** 64), ValueError, r"seed .* must be an int in \[0, 2\*\*64\)"),
+])
+def test_client_options_that_would_do_something_else_are_refused(client, options, error, match):
+    with pytest.raises(error, match=match):
+        client.generate(text="What is 7 * 8?", max_new_tokens=2, **options)
+
+
+def test_client_text_must_be_text(client):
+    for text in (None, 7, []):
+        with pytest.raises(TypeError, match="text must be"):
+            client.generate(text=text)
+
+
+def test_top_k_with_greedy_decoding_warns_that_it_changes_nothing(client):
+    with pytest.warns(UserWarning, match="with temperature 0 decoding is greedy"):
+        client.generate(text="What is 7 * 8?", max_new_tokens=2, top_k=5)
 
 
 # ------------------------------------------------------------------------------------ the book's checkpoint
