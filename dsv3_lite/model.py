@@ -224,7 +224,8 @@ class Transformer(nn.Module):
     def take_cache(self) -> list[dict[str, torch.Tensor]]:
         """Detach every attention layer's cache and return them, in module order
         (`put_cache` gives them back): a paused decoding's own state."""
-        return [m.take_cache() for m in self.modules() if isinstance(m, CachedAttention)]
+        return [m.take_cache() for m in self.modules()
+                if isinstance(m, CachedAttention)]
 
     def put_cache(self, caches: list[dict[str, torch.Tensor]]) -> None:
         layers = [m for m in self.modules() if isinstance(m, CachedAttention)]

@@ -52,19 +52,23 @@ def best_of(calls: Mapping[str, Callable[[], object]], reps: int = 10,
 
 
 def spread(values: Iterable[float], fmt: str = ".2f") -> str:
-    """'median [min, max]' of `values` (one per run): how the book states a speed figure."""
+    """'median [min, max]' of `values` (one per run): how the book states a speed
+    figure."""
     values = list(values)
     if not values:
         raise ValueError("values is empty: give at least one measurement")
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{mid:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def machine() -> str:
-    """The machine a figure was measured on: CPU model, cores and torch threads; the GPU when there is one."""
+    """The machine a figure was measured on: CPU model, cores and torch threads;
+    the GPU when there is one."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
