@@ -18,7 +18,8 @@ each rank's ordered list of work:
 DualPipe puts stages `rank` and `PP-1-rank` on every rank and feeds micro-batches
 from both ends (direction 0 enters at rank 0, direction 1 at rank PP-1); DualPipeV
 folds one pipeline of 2V stages into a V onto V ranks. `simulate` plays a schedule
-with per-chunk costs and a point-to-point latency; `run_spawned` (or `torchrun -m
+with per-chunk costs, a point-to-point latency and an all-to-all time that
+chunks run alone wait for and F&B pairs hide; `run_spawned` (or `torchrun -m
 dsv3_lite.pipeline`) executes it with torch.distributed on a small stack of the
 package's blocks and returns what a single process would have computed.
 """
@@ -197,8 +198,10 @@ def _check_sizes(method: str, n_ranks: int, n_micro_batches: int) -> None:
 
 
 def one_f_one_b(n_ranks: int, n_micro_batches: int) -> Schedule:
-    """1F1B: rank r runs PP-1-r warm-up forwards, then alternates one forward and
-    one full backward, then drains the remaining backwards."""
+    """1F1B in its synchronous form, PipeDream-Flush (Narayanan et al. 2021,
+    "Memory-Efficient Pipeline-Parallel DNN Training"): rank r runs PP-1-r
+    warm-up forwards, then alternates one forward and one full backward, then
+    drains the remaining backwards; the weights update once per step."""
     _check_sizes("1F1B", n_ranks, n_micro_batches)
     m, ranks = n_micro_batches, []
     for r in range(n_ranks):
@@ -237,8 +240,10 @@ def zb1p(n_ranks: int, n_micro_batches: int) -> Schedule:
 
 
 def _dualpipe_program(h: int, n: int, chunks: int, middle: bool) -> list[tuple]:
-    """One rank's DualPipe program in the report's eight phases, as items
-    (kind, phase) or ("F&B", forward phase, backward phase) or ("W",).
+    """One rank's DualPipe program in the eight steps of DeepSeek's official
+    `DualPipe.step()` (github.com/deepseek-ai/DualPipe; the report draws the
+    schedule in Figure 5 but lists no steps), as items (kind, phase) or
+    ("F&B", forward phase, backward phase) or ("W",).
 
     Phase 0 is the stage at distance h from its input end (the rank's "near"
     stage), phase 1 the stage at distance 2n-1-h; n = PP/2, h = min(rank,
@@ -295,7 +300,9 @@ def _resolve(prog: list[tuple], where: dict[int, tuple[int, int]],
 def dualpipe(n_ranks: int, n_micro_batches: int) -> Schedule:
     """DualPipe: PP stages, each held twice (rank r runs stage r for direction 0
     and stage PP-1-r for direction 1); half the micro-batches enter at rank 0,
-    half at rank PP-1. Needs PP even, micro-batches even and >= 2 PP."""
+    half at rank PP-1. Needs PP even, micro-batches even and >= 2 PP. The two
+    copies of stage r, on ranks r and PP-1-r, sum their gradients (an
+    all-reduce between the two ranks) before every optimizer step."""
     _check_sizes("DualPipe", n_ranks, n_micro_batches)
     pp, n, chunks = n_ranks, n_ranks // 2, n_micro_batches // 2
     ids = (tuple(range(chunks)), tuple(range(chunks, 2 * chunks)))
@@ -316,7 +323,9 @@ def dualpipe(n_ranks: int, n_micro_batches: int) -> Schedule:
 def dualpipev(n_ranks: int, n_micro_batches: int) -> Schedule:
     """DualPipeV: one pipeline of 2V stages folded into a V on V ranks (rank r
     holds stages r and 2V-1-r), run with DualPipe's per-rank program; every
-    micro-batch enters and leaves at rank 0. Needs micro-batches >= 2V."""
+    micro-batch enters and leaves at rank 0. Needs m >= 2V micro-batches. Rank
+    r runs what rank r of dualpipe(2V, 2m) runs, op for op (micro-batch j at a
+    stage s >= V being that schedule's m + j), and holds each stage once."""
     _check_sizes("DualPipeV", n_ranks, n_micro_batches)
     v, m = n_ranks, n_micro_batches
     ids = (tuple(range(m)),)
@@ -351,17 +360,24 @@ def _schedule(method, n_ranks, n_stages, placement, ids, ranks) -> Schedule:
 class Costs:
     """Time of each kind of chunk, in any unit: forward f, full backward b, its
     weight part w (so BI costs b - w), an overlapped F&B pair fb (default f + b:
-    overlap hides communication, not computation) and the latency p2p of a
-    point-to-point send between two ranks."""
+    overlap hides communication, not computation), the latency p2p of a
+    point-to-point send between two ranks, and the all-to-all time all_to_all
+    (expert-parallel dispatch and combine) of one forward or backward chunk.
+
+    A chunk run alone waits for its all-to-all: F, B and BI each cost all_to_all
+    more (W sends nothing). An F&B pair hides both chunks' all-to-alls behind
+    each other's computation (report Figure 4), so fb does not include it; with
+    all_to_all = 0 (the default) no chunk communicates."""
 
     f: float = 1.0
     b: float = 2.0
     w: float = 1.0
     fb: float | None = None
     p2p: float = 0.0
+    all_to_all: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("f", "b", "w", "p2p"):
+        for name in ("f", "b", "w", "p2p", "all_to_all"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.w > self.b:
@@ -369,6 +385,19 @@ class Costs:
                              "the full backward")
         if self.fb is not None and not self.fb >= 0:
             raise ValueError(f"fb ({self.fb}) must be >= 0")
+
+    @classmethod
+    def from_overlap(cls, parts: OverlapCosts, n_layers: int = 1,
+                     p2p: float = 0.0) -> Costs:
+        """The chunk costs of n_layers layers with the per-layer parts of
+        `parts`: a forward computes attn + mlp per layer, a backward twice that
+        (its W half), each chunk's all-to-all is dispatch + combine per layer,
+        and an F&B pair lasts what `overlap_pair` lays out (its computation plus
+        the communication it leaves exposed)."""
+        spans = overlap_pair(parts, n_layers)
+        f = n_layers * (parts.attn + parts.mlp)
+        return cls(f=f, b=2 * f, w=f, fb=3 * f + exposed_communication(spans),
+                   p2p=p2p, all_to_all=n_layers * (parts.dispatch + parts.combine))
 
     @property
     def f_and_b(self) -> float:
@@ -378,8 +407,8 @@ class Costs:
         """The duration of one slot."""
         if isinstance(slot, Pair):
             return self.f_and_b - (self.w if slot.backward.kind == "BI" else 0.0)
-        return {"F": self.f, "B": self.b, "BI": self.b - self.w,
-                "W": self.w}[slot.kind]
+        return {"F": self.f + self.all_to_all, "B": self.b + self.all_to_all,
+                "BI": self.b - self.w + self.all_to_all, "W": self.w}[slot.kind]
 
 
 class Interval(NamedTuple):
@@ -528,11 +557,13 @@ def peak_activations(slots: Sequence[Slot]) -> int:
 def table2_bubble(method: str, n_stages: int, costs: Costs) -> float:
     """The report's Table 2 bubble for PP = n_stages pipeline stages:
     1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe and DualPipeV
-    (PP/2-1)(F&B+B-3W). DualPipeV runs its PP stages on PP/2 ranks."""
+    (PP/2-1)(F&B+B-3W). DualPipeV runs its PP stages on PP/2 ranks. F and B are
+    the times of a chunk run alone, its exposed all-to-all included."""
     pp, c = n_stages, costs
-    formulas = {"1F1B": (pp - 1) * (c.f + c.b),
-                "ZB1P": (pp - 1) * (c.f + c.b - 2 * c.w),
-                "DualPipe": (pp / 2 - 1) * (c.f_and_b + c.b - 3 * c.w)}
+    f, b = c.of(Op("F", 0, 0)), c.of(Op("B", 0, 0))
+    formulas = {"1F1B": (pp - 1) * (f + b),
+                "ZB1P": (pp - 1) * (f + b - 2 * c.w),
+                "DualPipe": (pp / 2 - 1) * (c.f_and_b + b - 3 * c.w)}
     formulas["DualPipeV"] = formulas["DualPipe"]
     if method not in formulas:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got "
@@ -947,7 +978,7 @@ def _spawned(rank: int, world: int, init_method: str, timeout_s: float,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         results = run_rank(schedules, workload)
-        if rank == 0:  # plain tensors and strings: torch.load's safe default
+        if rank == 0:  # plain tensors and strings: loaded with weights_only
             torch.save([tuple(r) for r in results], out)
     finally:
         dist.destroy_process_group()
@@ -984,7 +1015,7 @@ def run_spawned(schedules: Sequence[Schedule], workload: Workload = Workload(),
                 if process.is_alive():
                     process.kill()
                 process.join()
-        return [StepResult(*r) for r in torch.load(out)]
+        return [StepResult(*r) for r in torch.load(out, weights_only=True)]
 
 
 def report(agreements: Sequence[Agreement], ranks: Sequence[int]) -> str:

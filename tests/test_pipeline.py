@@ -70,6 +70,59 @@ def test_dualpipe_places_two_stages_per_rank_and_feeds_both_ends():
     assert v.n_stages == 8 and v.stages_on(0) == [(0, 0), (0, 7)]
 
 
+# The official DualPipe.step() (github.com/deepseek-ai/DualPipe) for PP = 4 and 8 micro-batches, written out
+# by hand from its eight steps, with h = min(rank, 3 - rank), n = 2, C = 4 chunks per direction. Phase 0 is
+# the stage at distance h from its input end: direction 0 (micro-batches 0-3) on ranks 0 and 1, direction 1
+# (micro-batches 4-7) on ranks 2 and 3. Steps: 1 nF0 (2(n-h-1)), 2 nF0F1 (h+1), 3 nB1W1F1 with a split
+# backward (n-h-1), 4 nF0B1F1B0 (C-PP+h+1; the middle ranks run the first F0 and B1 unpaired), 5 nB1F1B0
+# (n-h-1), 6 nB1B0 (h+1; zero bubble from i = (h+1)//2, for B1 only when h is odd), 7 nWB0 (n-h-1),
+# 8 nW (h+1). The weight-gradient queue is first in, first out: each W runs the oldest waiting BI's chunk.
+OFFICIAL_DUALPIPE_4_8 = [
+    "F0 F1 F2 F4 BI4 W4 F5 F3&B5 F6&B0 B6 F7&B1 B7 BI2 W2 BI3 W3",
+    "F0 F4 F1 F5 F2 B4 F6&B0 F3&B5 F7&B1 B6 B2 BI7 BI3 W7 W3",
+    "F4 F0 F5 F1 F6 B0 F2&B4 F7&B1 F3&B5 B2 B6 BI3 BI7 W3 W7",
+    "F4 F5 F6 F0 BI0 W0 F1 F7&B1 F2&B4 B2 F3&B5 B3 BI6 W6 BI7 W7",
+]
+
+
+def test_dualpipe_matches_the_official_step_op_for_op():
+    schedule = build("DualPipe", 4, 8)
+    for rank, expected in enumerate(OFFICIAL_DUALPIPE_4_8):
+        got = " ".join("&".join(f"{op.kind}{op.micro_batch}" for op in ops_of(slot))
+                       for slot in schedule.ranks[rank])
+        assert got == expected, f"rank {rank}"
+        for slot in schedule.ranks[rank]:
+            for op in ops_of(slot):  # micro-batches 0-3 go one way, 4-7 the other
+                assert op.direction == (op.micro_batch >= 4)
+                assert op.stage == (rank if op.direction == 0 else 3 - rank)
+
+
+def as_dualpipe(slot, v, m):
+    """A DualPipeV slot as the DualPipe(2V, 2m) slot it corresponds to: stages V..2V-1 are direction 1's,
+    whose micro-batches are numbered m..2m-1."""
+    def one(op):
+        d = int(op.stage >= v)
+        return op._replace(micro_batch=op.micro_batch + m * d, direction=d)
+    return Pair(*map(one, slot)) if isinstance(slot, Pair) else one(slot)
+
+
+@pytest.mark.parametrize("v", [1, 2, 3, 4])
+def test_dualpipev_is_the_first_half_of_dualpipe_on_twice_the_ranks(v):
+    """DualPipeV(V, m) runs, on each of its V ranks, the same ops (kinds and stages; micro-batch j of stage
+    s >= V is DualPipe's j + m) in the same order as DualPipe(2V, 2m) on its first V ranks, and without
+    latency the simulator starts and ends every one at the same times."""
+    for m in (2 * v, 2 * v + 1, 3 * v + 2):
+        folded, full = build("DualPipeV", v, m), build("DualPipe", 2 * v, 2 * m)
+        assert [[as_dualpipe(s, v, m) for s in r] for r in folded.ranks] == [list(r) for r in full.ranks[:v]]
+        for costs in (Costs(), Costs(1, 2, 1, fb=2.5, all_to_all=0.5), Costs(1.5, 2.5, 0.5)):
+            a, b = simulate(folded, costs), simulate(full, costs)
+            assert (sorted((i.rank, i.start, i.end, as_dualpipe(i.slot, v, m)) for i in a.intervals)
+                    == sorted((i.rank, i.start, i.end, i.slot) for i in b.intervals if i.rank < v))
+            assert a.makespan == b.makespan
+        # with latency, DualPipe's middle ranks send across where DualPipeV's last rank hands over locally
+        assert simulate(folded, Costs(p2p=0.1)).makespan < simulate(full, Costs(p2p=0.1)).makespan
+
+
 @pytest.mark.parametrize("method,n_ranks,n_micro,rule", [
     ("DualPipe", 5, 20, "even number of ranks"),
     ("DualPipe", 4, 9, "even number of micro-batches"),
@@ -145,8 +198,9 @@ def test_missing_and_misplaced_ops_are_caught():
 # no longer than a forward (the zero-bubble paper's F = B_input = W, generalised), an overlapped pair costs
 # between its backward and the sum of its two chunks (B <= F&B <= F + B), and messages take no time. The
 # bubble is then the worst rank's idle time (with F&B < F + B the ranks' bubbles differ).
+# An all-to-all time that unpaired chunks pay enters the formulas through F and B (a chunk's time as run).
 FORMULA_COSTS = [Costs(1, 2, 1), Costs(1, 2, 1, fb=2.5), Costs(2, 3, 1), Costs(1.5, 2.5, 1, fb=3.0),
-                 Costs(1, 1.5, 0.5, fb=1.5)]
+                 Costs(1, 1.5, 0.5, fb=1.5), Costs(1, 2, 1, all_to_all=0.5), Costs(1, 2, 1, fb=3.5, all_to_all=1)]
 
 
 @pytest.mark.parametrize("pp", [4, 8, 16])
@@ -199,6 +253,8 @@ def test_costs_are_validated():
         Costs(1, 2, 3)
     with pytest.raises(ValueError, match="p2p"):
         Costs(p2p=-1)
+    with pytest.raises(ValueError, match=r"all_to_all \(-0.5\) must be >= 0"):
+        Costs(all_to_all=-0.5)
     assert Costs(1, 2, 1).f_and_b == 3 and Costs(1, 2, 1, fb=2).f_and_b == 2
 
 
@@ -207,6 +263,45 @@ def test_peak_activations_counts_until_the_weight_gradient():
     split = [Op("F", 0, 0), Op("BI", 0, 0), Op("F", 1, 0), Op("W", 0, 0), Op("BI", 1, 0), Op("W", 1, 0)]
     assert peak_activations(split) == 2  # the BI keeps what the W still needs
     assert peak_activations([Op("F", 0, 0), Pair(Op("F", 1, 0), Op("B", 0, 0))]) == 2
+
+
+# ----------------------------------------------------------------------- all-to-all: what F&B pairs hide
+@pytest.mark.parametrize("method", METHODS)
+def test_unpaired_chunks_pay_the_all_to_all_and_pairs_hide_it(method):
+    """With all-to-all time c, an unpaired F, B or BI lasts c longer and W and F&B pairs do not change: the
+    same timeline as chunk costs f + c, b + c, w with the pair's cost unchanged."""
+    schedule = build(method, 2 if method == "DualPipeV" else 4, 8)
+    for f, b, w, c in [(1, 2, 1, 1), (1.5, 2.5, 0.5, 0.75)]:
+        with_a2a = simulate(schedule, Costs(f, b, w, all_to_all=c))
+        shifted = simulate(schedule, Costs(f + c, b + c, w, fb=f + b))
+        assert [iv[:3] for iv in with_a2a.intervals] == pytest.approx([iv[:3] for iv in shifted.intervals])
+    assert simulate(schedule, Costs(1, 2, 1, all_to_all=0)) == simulate(schedule, Costs(1, 2, 1))
+
+
+def test_the_overlap_shortens_dualpipes_step_below_the_others():
+    """The same work (8 stages, 20 micro-batches): with no all-to-all DualPipe's step is about ZB1P's; with one,
+    the F&B pairs hide it and DualPipe's step grows least. Without the overlap (a pair costing both chunks and
+    both all-to-alls) the gain goes."""
+    steps = {c: {m: simulate(build(m, 4 if m == "DualPipeV" else 8, 20), Costs(1, 2, 1, all_to_all=c)).makespan
+                 for m in ("1F1B", "ZB1P", "DualPipe")} for c in (0.0, 0.5, 1.0)}
+    assert steps[0.0]["DualPipe"] < steps[0.0]["ZB1P"] < steps[0.0]["1F1B"]
+    for c in (0.5, 1.0):
+        growth = {m: steps[c][m] - steps[0.0][m] for m in steps[c]}
+        assert growth["DualPipe"] < growth["ZB1P"] <= growth["1F1B"]
+    serial = simulate(build("DualPipe", 8, 20), Costs(1, 2, 1, fb=3 + 2 * 1.0, all_to_all=1.0)).makespan
+    assert steps[1.0]["DualPipe"] < serial
+
+
+def test_costs_from_the_overlap_model():
+    parts = OverlapCosts(attn=0.5, mlp=0.5, dispatch=0.5, combine=0.5, pp=0.0)
+    assert Costs.from_overlap(parts) == Costs(1, 2, 1, fb=3, all_to_all=1)
+    for parts in (OverlapCosts(), OverlapCosts(1, 1, 2, 2, 0.0), OverlapCosts(1.6, 0.4, 1, 1, 0.0)):
+        costs = Costs.from_overlap(parts, n_layers=3, p2p=0.1)
+        assert costs.f_and_b == pytest.approx(max(s.end for s in overlap_pair(parts, n_layers=3)))
+        serial = max(s.end for s in overlap_pair(parts, n_layers=3, overlap=False))
+        unpaired = costs.of(Op("F", 0, 0)) + costs.of(Op("B", 0, 0))
+        assert unpaired == pytest.approx(serial - 3 * parts.pp)  # pipeline sends: p2p's, not the chunk's
+        assert costs.p2p == 0.1 and costs.w == costs.f and costs.b == 2 * costs.f
 
 
 # ------------------------------------------------------------------------------- overlap inside a pair

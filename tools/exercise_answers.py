@@ -86,6 +86,8 @@ FP8_2, FP8_3, FP8_4 = _fp8_answers()
 ONE_F_ONE_B = simulate(build("1F1B", 16, 64), Costs(1, 2, 1))
 GPIPE = simulate(_all_forwards_first(4, 8), Costs(f=1, b=2, w=1))
 SKEWED = OverlapCosts(attn=1.6, mlp=0.4, dispatch=1, combine=1, pp=0.2)
+DUALPIPE_4_8 = {f"rank {r} slot {i}": str(slot)  # chapter 6, exercise 6: the package's schedule
+                for r, slots in enumerate(build("DualPipe", 4, 8).ranks) for i, slot in enumerate(slots)}
 
 ANSWERS = {
     # 1: DeepSeek-V3 at a glance
@@ -132,6 +134,7 @@ ANSWERS = {
                                 "of the whole step": 15 / 64}),
     "6.2": Answer((max(GPIPE.bubble), GPIPE.peak_activations[0])),
     "6.3": Answer(exposed_communication(overlap_pair(SKEWED, n_layers=10)) / 10),
+    "6.6": Answer(DUALPIPE_4_8),
     # 7: Training the whole model
     # the batch grows linearly in the tokens seen: steps = T / (4096 (b1 - b0)) ln(b1 / b0)
     "7.1": Answer(469e9 / (4096 * (15360 - 3072)) * math.log(15360 / 3072), rel_tol=0.02,
@@ -152,4 +155,8 @@ ANSWERS = {
     "9.3b": Answer(math.ceil(math.ceil(1000 / 4) / 32), rel_tol=0),
     # H800: 1,979 TFLOP/s FP8 and 3.35 TB/s; a token's expert GEMM does 2 FLOPs per FP8 weight byte
     "9.4": Answer(math.ceil(1979e12 / 3.35e12 / 2), rel_tol=0),
+    # V3's hidden size in a block of the next power of two: masked lanes / lanes
+    "9.5": Answer(1 - V3.dim / 2 ** math.ceil(math.log2(V3.dim)),
+                  traps={"that is the share of real lanes; the question asks for the masked ones":
+                         V3.dim / 2 ** math.ceil(math.log2(V3.dim))}),
 }
