@@ -586,7 +586,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return value
 
 
-def _release_config(config: dict[str, Any]) -> types.SimpleNamespace:
+def _config_attributes(config: dict[str, Any]) -> types.SimpleNamespace:
     """A released config.json as the attributes `args_from_hf_config` reads
     (the release writes rope_theta and rope_scaling; transformers 5,
     rope_parameters)."""
@@ -717,7 +717,7 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
         if not file.is_file():
             raise FileNotFoundError(f"{directory} has no {file.name}: not a "
                                     "checkpoint in DeepSeek's released layout")
-    config = _release_config(_read_json(directory / "config.json"))
+    config = _config_attributes(_read_json(directory / "config.json"))
     args = args_from_hf_config(config, **overrides).replace(
         mtp_depth=config.num_nextn_predict_layers)
     weight_map = _read_json(index).get("weight_map")
