@@ -19,6 +19,7 @@ for name, value in KERNEL_ENV.items():
     if not os.environ.get(name):
         os.environ[name] = value
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -44,3 +45,18 @@ def pytest_configure(config):
         option.nbval_current_env = True
     if not (option.nbval_sanitize_with or option.sanitize_with):
         option.nbval_sanitize_with = str(NBVAL_SANITIZE)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(module, *names) wraps each named function of `module` for the test and returns
+    {name: calls so far}: which kernels a code path really launched."""
+    def count(module, *names):
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            def counted(*args, _name=name, _fn=getattr(module, name), **kwargs):
+                calls[_name] += 1
+                return _fn(*args, **kwargs)
+            monkeypatch.setattr(module, name, counted)
+        return calls
+    return count

@@ -516,7 +516,7 @@ def fp8_linear_and_grads(x, weight, dy, block_size, kernels):
 
 @needs_triton
 @pytest.mark.parametrize("tokens, k, n, block", [((2, 3), 130, 20, 128), ((36,), 40, 12, 32)])
-def test_fp8_linear_on_the_triton_kernels_equals_the_reference(monkeypatch, tokens, k, n, block):
+def test_fp8_linear_on_the_triton_kernels_equals_the_reference(count_calls, tokens, k, n, block):
     """Fprop, Dgrad and Wgrad through kernels.act_quant and kernels.fp8_gemm. The kernels' act_quant is
     bit-equal to the reference (tests/test_kernels.py), so every GEMM gets the same FP8 operands and
     scales; their products are exact in FP32, and only the order in which a 128-wide block's products
@@ -524,12 +524,7 @@ def test_fp8_linear_on_the_triton_kernels_equals_the_reference(monkeypatch, toke
     6e-8 of the largest output. Hence rtol 1e-5 and an atol of 1e-5 of the largest value."""
     from dsv3_lite import kernels
 
-    calls = {"act_quant": 0, "fp8_gemm": 0}
-    for name in calls:
-        def counted(*args, _name=name, _fn=getattr(kernels, name), **kw):
-            calls[_name] += 1
-            return _fn(*args, **kw)
-        monkeypatch.setattr(kernels, name, counted)
+    calls = count_calls(kernels, "act_quant", "fp8_gemm")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*tokens, k, generator=gen).to(DEVICE)
     weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(DEVICE)

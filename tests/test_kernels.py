@@ -298,15 +298,10 @@ def test_the_one_accumulator_variant_runs_and_agrees_where_sums_are_fp32():
         assert promoted < 1e-6 and one < 1e-6
 
 
-def test_the_model_with_kernels_decodes_like_the_reference(monkeypatch):
+def test_the_model_with_kernels_decodes_like_the_reference(count_calls):
     """The tiny model with kernels="triton" (MLA decode and the experts' GEMM) against
     kernels="reference", same weights: every decode step's logits, and the greedy tokens."""
-    calls = {"mla_decode": 0, "grouped_linear": 0}
-    for name in calls:
-        def counted(*args, _name=name, _fn=getattr(kernels, name), **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(kernels, name, counted)
+    calls = count_calls(kernels, "mla_decode", "grouped_linear")
     torch.manual_seed(0)
     ref = Transformer(ModelArgs.tiny(kernels="reference")).to(DEVICE).eval()
     ours = Transformer(ModelArgs.tiny(kernels="triton")).to(DEVICE).eval()
