@@ -37,7 +37,8 @@ import pathlib
 import pickle
 import re
 import shutil
-from typing import Any, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import safetensors.torch
 import torch
@@ -72,6 +73,10 @@ class Checkpoint(NamedTuple):
     data: dict[str, Any]
     path: pathlib.Path | None = None
     skipped: tuple[str, ...] = ()
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256(path: str | pathlib.Path) -> str:
@@ -121,13 +126,15 @@ def _write_bytes(path: pathlib.Path, data: bytes, durable: bool) -> None:
             os.fsync(file.fileno())
 
 
-def _publish(files: dict[str, bytes], directory: pathlib.Path, durable: bool,
-             replace: bool) -> None:
-    """Write `files` (name -> bytes) and, with `durable`, their manifest into a
-    hidden folder beside `directory`, then rename it to `directory` (which must
-    not exist, be empty, or with `replace` is swapped out and removed). A failure
-    removes the hidden folder and leaves `directory` as it was; a full disk says
-    so."""
+def _publish(files: Iterable[tuple[str, bytes]], directory: pathlib.Path,
+             durable: bool, replace: bool) -> None:
+    """Write `files` ((name, bytes) pairs, made as they are asked for) and, with
+    `durable`, their manifest into a hidden folder beside `directory`, then rename
+    it to `directory` (which must not exist, be empty, or with `replace` is swapped
+    out and removed). Each file is written, flushed to the disk and hashed in worker
+    threads while the next one is made (the hashing and the disk wait release the
+    GIL), so the safety costs little time. A failure removes the hidden folder and
+    leaves `directory` as it was; a full disk says so."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -135,12 +142,17 @@ def _publish(files: dict[str, bytes], directory: pathlib.Path, durable: bool,
         shutil.rmtree(leftover, ignore_errors=True)
     try:
         temporary.mkdir()
-        manifest = {}
-        for name, data in files.items():
-            _write_bytes(temporary / name, data, durable)
-            if durable:
-                manifest[name] = {"bytes": len(data),
-                                  "sha256": hashlib.sha256(data).hexdigest()}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            pending = []
+            for name, data in files:
+                written = pool.submit(_write_bytes, temporary / name, data, durable)
+                digest = pool.submit(_digest, data) if durable else None
+                pending.append((name, len(data), written, digest))
+            manifest = {}
+            for name, size, written, digest in pending:
+                written.result()
+                if durable:
+                    manifest[name] = {"bytes": size, "sha256": digest.result()}
         if durable:
             text = json.dumps({"files": manifest}, indent=2) + "\n"
             _write_bytes(temporary / MANIFEST, text.encode(), durable)
@@ -187,18 +199,19 @@ def save_checkpoint(directory: str | pathlib.Path, model: Transformer,
         raise ValueError(f"{directory} is not empty: a checkpoint is saved into a "
                          "new or empty folder (overwrite=True replaces it)")
     state, _ = _unique_state(model)
-    files = {
-        "model.safetensors": safetensors.torch.save(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()}),
-        "config.json": (json.dumps(_config(model, trainer, data), indent=2)
-                        + "\n").encode(),
-        "tokenizer.json": tokenizer.tokenizer.to_str().encode(),
-    }
-    if trainer is not None:
-        buffer = io.BytesIO()
-        torch.save(trainer.state_dict(), buffer)
-        files["trainer_state.pt"] = buffer.getvalue()
-    _publish(files, directory, durable, replace=overwrite)
+
+    def files() -> Iterator[tuple[str, bytes]]:  # the largest first
+        if trainer is not None:
+            buffer = io.BytesIO()
+            torch.save(trainer.state_dict(), buffer)
+            yield "trainer_state.pt", buffer.getvalue()
+        yield "model.safetensors", safetensors.torch.save(
+            {k: v.detach().cpu().contiguous() for k, v in state.items()})
+        yield "config.json", (json.dumps(_config(model, trainer, data), indent=2)
+                              + "\n").encode()
+        yield "tokenizer.json", tokenizer.tokenizer.to_str().encode()
+
+    _publish(files(), directory, durable, replace=overwrite)
     return directory
 
 
@@ -278,6 +291,12 @@ def load_weights(model: nn.Module, path: str | pathlib.Path) -> None:
 def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        missing = [f.name for f in dataclasses.fields(ModelArgs)
+                   if f.name not in config["model"]]
+        if missing:  # a default (V3's full size) would not describe the weights
+            raise ValueError(f"{directory / 'config.json'} lacks the model fields "
+                             f"{', '.join(missing)}: it must give every ModelArgs "
+                             "field")
         train = TrainArgs(**config["train"]) if config["train"] else None
         return {"model": ModelArgs(**config["model"]), "train": train,
                 "data": config["data"],
@@ -425,7 +444,7 @@ def export(source: str | pathlib.Path, target: str | pathlib.Path,
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["trainer_state"] = False
     files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
-    _publish(files, target, durable=True, replace=True)
+    _publish(files.items(), target, durable=True, replace=True)
     return target
 
 

@@ -296,12 +296,34 @@ def final_answer(text: str) -> int | None:
     return int(number)
 
 
-def read_documents(path: str | pathlib.Path) -> list[Document]:
+TEXT_LIMIT = 256 * 2**20  # bytes of a --text file read by default
+VAL_EVERY = 10  # every 10th document of a Corpus is a validation document
+
+
+def read_documents(path: str | pathlib.Path,
+                   limit: int = TEXT_LIMIT) -> list[Document]:
     """The paragraphs of a local UTF-8 text file (separated by blank lines; a
-    byte-order mark is skipped) as documents of the domain "text"."""
+    byte-order mark is skipped) as documents of the domain "text". The file must be
+    a regular file of at most `limit` bytes, and text (no NUL bytes)."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give a text file")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file (a device or a pipe?): give "
+                         "a text file")
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{path} has {size:,} bytes, more than the limit of "
+                         f"{limit:,}: raise the limit, or give a part of the file")
+    raw = path.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"{path} holds NUL bytes (the first at byte {nul:,}): a "
+                         "binary file, not text")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start} is "
                          f"{err.object[err.start:err.start + 1]!r}); save it "
@@ -350,7 +372,7 @@ class Corpus:
     stays as written.
     """
 
-    def __init__(self, documents: Sequence[Document], val_every: int = 10,
+    def __init__(self, documents: Sequence[Document], val_every: int = VAL_EVERY,
                  tokenizer: ByteTokenizer | None = None, fim_rate: float = 0.0,
                  seed: int = 0):
         if val_every < 2:
@@ -399,7 +421,7 @@ class Corpus:
         return copy.deepcopy(_default_corpus())
 
     @classmethod
-    def from_text_file(cls, path: str | pathlib.Path, val_every: int = 10,
+    def from_text_file(cls, path: str | pathlib.Path, val_every: int = VAL_EVERY,
                        **options) -> "Corpus":
         """Any local UTF-8 text file (a byte-order mark is skipped); paragraphs,
         separated by blank lines, become documents (`read_documents`), every

@@ -180,9 +180,11 @@ class _Weights:
     Taking a weight drops this object's reference to it, so a tensor nobody else
     holds is freed once the model has its converted copy."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], config: Any):
+    def __init__(self, tensors: dict[str, torch.Tensor], config: Any,
+                 source: str | None = None):
         self.tensors = {k: v.detach().float() for k, v in tensors.items()}
         self.config = config
+        self.source = source  # where the weights were listed, if not a model
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -197,6 +199,9 @@ class _Weights:
 
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.tensors:
+            if self.source is not None:
+                raise ValueError(f"weight {name!r} is missing: {self.source} names "
+                                 "no shard for it (an index that lost entries?)")
             raise ValueError(f"transformers weight {name!r} is missing: the weights "
                              f"do not match {self._fields(name, _EXISTS_BY)}")
         tensor = self.tensors[name]
@@ -586,10 +591,24 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return value
 
 
-def _config_attributes(config: dict[str, Any]) -> types.SimpleNamespace:
-    """A released config.json as the attributes `args_from_hf_config` reads
-    (the release writes rope_theta and rope_scaling; transformers 5,
-    rope_parameters)."""
+# the fields of a released config.json that have no default
+_CONFIG_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "first_k_dense_replace", "max_position_embeddings",
+    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+    "topk_group", "routed_scaling_factor", "rms_norm_eps")
+
+
+def _config_attributes(config: dict[str, Any],
+                       path: pathlib.Path) -> types.SimpleNamespace:
+    """A released config.json (read from `path`) as the attributes
+    `args_from_hf_config` reads (the release writes rope_theta and rope_scaling;
+    transformers 5, rope_parameters)."""
+    missing = [name for name in _CONFIG_REQUIRED if name not in config]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: a DeepSeek-V3 "
+                         "config.json gives each (nothing is assumed for them)")
     for name, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
                          ("moe_layer_freq", 1)):
         if config.get(name, wanted) != wanted:
@@ -717,7 +736,8 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
         if not file.is_file():
             raise FileNotFoundError(f"{directory} has no {file.name}: not a "
                                     "checkpoint in DeepSeek's released layout")
-    config = _config_attributes(_read_json(directory / "config.json"))
+    config = _config_attributes(_read_json(directory / "config.json"),
+                                directory / "config.json")
     args = args_from_hf_config(config, **overrides).replace(
         mtp_depth=config.num_nextn_predict_layers)
     weight_map = _read_json(index).get("weight_map")
@@ -726,8 +746,8 @@ def load_release(directory: str | pathlib.Path, **overrides) -> Transformer:
                          "tensor name to its shard's file name")
     tensors = _read_release(directory, index, weight_map)
     main, mtp = _split_release(tensors, args)
-    weights = (_Weights(main, config),
-               _Weights(mtp, config) if args.mtp_depth else None)
+    weights = (_Weights(main, config, index.name),
+               _Weights(mtp, config, index.name) if args.mtp_depth else None)
     del tensors, main, mtp  # the _Weights hold the only references
     return _load(args, *weights, bool(config.rope_interleave), copy=False)
 

@@ -19,13 +19,25 @@ is small and repetitive enough for about a thousand.
 from __future__ import annotations
 
 import pathlib
-from typing import Iterable, Sequence
+import re
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>",
                   "<|fim_suffix|>", "<|user|>", "<|assistant|>")
+LONGEST_RUN = 1000  # characters without a space that merges are learned from
+_LONG_RUN = re.compile(rf"(\S{{{LONGEST_RUN}}})")
+
+
+def _bounded(texts: Iterable[str]) -> Iterator[str]:
+    """`texts` with every run of more than LONGEST_RUN non-space characters cut
+    into pieces of at most that many, given to the trainer apart."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be str, got {type(text).__name__}")
+        yield from (piece for piece in _LONG_RUN.split(text) if piece)
 
 
 class BPETokenizer:
@@ -44,10 +56,15 @@ class BPETokenizer:
         self.eot_id = self.special_id("<|endoftext|>")
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int,
+              progress: bool = False) -> "BPETokenizer":
         """Learn merges from `texts` until the vocabulary (256 bytes, the special
         tokens and the merged tokens) has `vocab_size` tokens, or no pair of tokens
-        occurs twice any more (then it is smaller). Deterministic."""
+        occurs twice any more (then it is smaller). Deterministic. Merges are learned
+        from at most LONGEST_RUN characters without a space at a time: the trainer's
+        time grows with the square of a word's length (a word of 300,000 letters
+        takes half a minute, one ten times longer most of an hour). `progress` shows
+        the trainer's progress bars."""
         smallest = 256 + len(SPECIAL_TOKENS)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got "
@@ -63,8 +80,8 @@ class BPETokenizer:
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False)
-        tokenizer.train_from_iterator(texts, trainer)
+            show_progress=progress)
+        tokenizer.train_from_iterator(_bounded(texts), trainer)
         return cls(tokenizer)
 
     @classmethod

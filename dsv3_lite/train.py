@@ -44,11 +44,13 @@ from dsv3_lite.checkpoint import (FILES, MANIFEST, export, export_problem,
                                   load_checkpoint, save_step, sha256, steps_of,
                                   write_file)
 from dsv3_lite.config import ModelArgs, check_int
-from dsv3_lite.data import Corpus, Document, build_documents, read_documents
+from dsv3_lite.data import (TEXT_LIMIT, VAL_EVERY, Corpus, Document, build_documents,
+                            read_documents)
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import (TOKEN_BREAKPOINTS, History, Trainer, TrainArgs,
-                               _check_rate, _cross_entropy, _device_of, evaluate)
+                               _check_rate, _cross_entropy, _device_of, evaluate,
+                               not_finite)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 StepHook = Callable[[nn.Module, int], None]
@@ -82,8 +84,8 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
     optimizer step (e.g. the auxiliary-loss-free bias update). Validation runs every
     `eval_every` steps (0: only at the end). grad_clip 0 switches clipping off.
     The progress bar is on unless `progress=False` or the environment sets tqdm's
-    own TQDM_DISABLE (as the notebook tests do). A loss that is not finite stops
-    training with a `FloatingPointError`.
+    own TQDM_DISABLE (as the notebook tests do). A loss or gradient that is not
+    finite stops training with a `FloatingPointError` (`trainer.not_finite`).
     """
     for name, value, minimum in (
             ("steps", steps, 1), ("batch_size", batch_size, 1),
@@ -124,15 +126,17 @@ def train_lm(model: nn.Module, corpus: Corpus, steps: int, batch_size: int = 16,
         value = loss.item()
         if not math.isfinite(value):
             bar.close()
-            raise FloatingPointError(
-                f"the training loss is {value} at step {step + 1} of {steps} "
-                "(the model keeps the weights of the step before): the run diverged "
-                "or overflowed. Try FP32 or BF16 instead of FP16, a lower lr "
-                f"(now {lr}), or gradient clipping (grad_clip now {grad_clip})")
+            raise not_finite(model, f"the training loss is {value}", step, steps,
+                             f"FP32 or BF16 instead of FP16, a lower lr (now {lr}), "
+                             f"or gradient clipping (grad_clip now {grad_clip})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf).item()
+        if not math.isfinite(norm):
+            bar.close()
+            raise not_finite(model, f"the gradient norm is {norm}", step, steps,
+                             "FP32 or BF16 instead of FP16, or a lower lr "
+                             f"(now {lr})")
         optimizer.step()
         if on_step is not None:
             on_step(model, step)
@@ -246,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
                              "instead of the book's corpus")
     parser.add_argument("--docs-per-domain", type=int, default=argparse.SUPPRESS,
                         help="size of the book's corpus (default 6000)")
+    parser.add_argument("--text-limit", type=int, default=TEXT_LIMIT // 2**20,
+                        metavar="MB", help="refuse a --text file larger than this "
+                                           f"(default {TEXT_LIMIT // 2**20} MB)")
     release = parser.add_mutually_exclusive_group()
     release.add_argument("--export", type=pathlib.Path, metavar="DIR",
                          help="at the end, also copy the checkpoint without its "
@@ -309,10 +316,16 @@ def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world_size, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
-def _documents(data: dict[str, Any]) -> list[Document]:
-    if data["text"] is not None:
-        return read_documents(data["text"])
-    return build_documents(data["docs_per_domain"])
+def _documents(data: dict[str, Any], text_limit: int) -> list[Document]:
+    if data["text"] is None:
+        return build_documents(data["docs_per_domain"])
+    documents = read_documents(data["text"], text_limit * 2**20)
+    if len(documents) < VAL_EVERY:
+        raise ValueError(f"--text {data['text']} holds {len(documents)} documents, "
+                         f"and training needs at least {VAL_EVERY} (every "
+                         f"{VAL_EVERY}th is held out for validation): a document is "
+                         "a paragraph, and paragraphs are separated by a blank line")
+    return documents
 
 
 def _check_unchanged(saved: dict[str, Any], given: dict[str, Any]) -> None:
@@ -403,7 +416,7 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
                              f"run in {opts.out} has taken")
         return _Setup(saved.model, saved.tokenizer,
                       saved.train_args.replace(steps=steps), saved.data,
-                      _documents(saved.data), saved.trainer_state,
+                      _documents(saved.data, opts.text_limit), saved.trainer_state,
                       saved.train_args.steps, saved.path, saved.skipped)
     if opts.out.exists() and not opts.overwrite:
         if steps_of(opts.out) or (opts.out / "config.json").exists():
@@ -417,7 +430,6 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
     if "text" in data_given:
         data_given["text"] = str(pathlib.Path(data_given["text"]).resolve())
     data = {**DATA_DEFAULTS, **data_given, "preset": opts.preset or "tiny"}
-    data["text_sha256"] = sha256(data["text"]) if data["text"] is not None else None
     train_args = TrainArgs(**train_given)
     try:
         train_args = train_args.in_tokens(**tokens_given)
@@ -426,8 +438,13 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
         raise ValueError(f"{options}: {err}") from None
     args = PRESETS[data["preset"]]().replace(fp8=train_args.precision == "fp8",
                                           **model_given)
-    documents = _documents(data)
-    tokenizer = BPETokenizer.train((d.text for d in documents), args.vocab_size)
+    documents = _documents(data, opts.text_limit)  # checks the file before hashing
+    data["text_sha256"] = sha256(data["text"]) if data["text"] is not None else None
+    size = sum(len(d.text) for d in documents)
+    print(f"learning a BPE tokenizer of {args.vocab_size:,} tokens from "
+          f"{len(documents):,} documents ({size:,} characters)", file=sys.stderr)
+    tokenizer = BPETokenizer.train((d.text for d in documents), args.vocab_size,
+                                   progress=True)
     if tokenizer.vocab_size < args.vocab_size:
         print(f"the corpus yields only {tokenizer.vocab_size} BPE tokens: "
               f"vocab_size {args.vocab_size} -> {tokenizer.vocab_size}")
@@ -435,6 +452,18 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
     torch.manual_seed(train_args.seed)
     model = Transformer(args).to(device)  # drawn on the CPU, the same everywhere
     return _Setup(model, tokenizer, train_args, data, documents)
+
+
+def _check_writable(out: pathlib.Path) -> None:
+    """Before the first step: --out can hold the run's checkpoints."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"--out {out}: cannot save checkpoints there "
+                      f"({err.strerror or err}); choose a writable folder") from None
 
 
 def _check_release_target(option: str, target: pathlib.Path, out: pathlib.Path,
@@ -510,9 +539,14 @@ def main(argv: list[str] | None = None) -> None:
     opts = parser.parse_args(argv)
     for option, value, minimum in (("--save-every", opts.save_every, 0),
                                    ("--keep", opts.keep, 1),
-                                   ("--threads", opts.threads, 1)):
+                                   ("--threads", opts.threads, 1),
+                                   ("--text-limit", opts.text_limit, 1)):
         if value is not None and value < minimum:
             parser.error(f"{option} ({value}) must be >= {minimum}")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here (a CPU build of "
+                     f"torch, {torch.__version__}, or no driver); leave --device out "
+                     "or give --device cpu")
     if opts.export_only:
         return _export_only(opts, parser)
     if opts.threads is not None:
@@ -543,7 +577,12 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
     data = run.data
     corpus = Corpus(run.documents, tokenizer=tokenizer,
                     fim_rate=train_args.fim_rate, seed=train_args.seed)
-    trainer = Trainer(model, corpus, train_args)
+    try:
+        trainer = Trainer(model, corpus, train_args)
+        if rank == 0:
+            _check_writable(opts.out)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     if run.state is not None:
         try:
             trainer.load_state_dict(run.state)

@@ -78,6 +78,24 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
+def not_finite(model: nn.Module, what: str, step: int, steps: int,
+               advice: str) -> FloatingPointError:
+    """The error that stops training when a step's loss or gradient is not finite
+    (the step is not applied). A weight that already holds NaN or infinity is named:
+    the model was built, loaded or changed so before training (each step is checked,
+    so no step made it), and no learning rate helps. Otherwise the run diverged."""
+    where = f"{what} at step {step + 1} of {steps} (the step is not applied)"
+    for name, weight in model.named_parameters():
+        if not torch.isfinite(weight).all():
+            return FloatingPointError(
+                f"{where}: the weight {name} already holds NaN or infinite values, "
+                "so the model was built, loaded or changed that way before this "
+                "step (training checks every step); the learning rate is not the "
+                "cause. Load or build the model again")
+    return FloatingPointError(f"{where}: the run diverged or overflowed. Try "
+                              f"{advice}")
+
+
 def evaluate(model: nn.Module, corpus: Corpus, split: str = "val",
              batch_size: int = 16, seq_len: int = 128, n_batches: int = 8,
              seed: int = 1234,
@@ -443,8 +461,8 @@ class Trainer:
     the balance biases move by the expert load summed over all processes, so they
     stay identical everywhere (a batch-wise auxiliary loss, `aux_loss_alpha`, off in
     V3, is computed over each process's share). Evaluation and the progress bar run
-    in process 0. A loss that is not finite stops training with a
-    `FloatingPointError` before the step is applied.
+    in process 0. A loss or gradient norm that is not finite stops training with a
+    `FloatingPointError` (`not_finite`) before the step is applied.
     """
 
     def __init__(self, model: Transformer, corpus: Corpus, args: TrainArgs,
@@ -468,6 +486,12 @@ class Trainer:
                              f"{corpus.fim_rate}, TrainArgs has {args.fim_rate}: "
                              "build it with Corpus(..., fim_rate=args.fim_rate, "
                              "seed=args.seed)")
+        for split in ("train", "val"):
+            length = len(corpus.split(split))
+            if length <= args.seq_len:
+                raise ValueError(f"seq_len ({args.seq_len}) must be < the corpus' "
+                                 f"{split} split ({length} tokens): give more text "
+                                 "or a shorter seq_len")
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
@@ -536,18 +560,20 @@ class Trainer:
             dist.all_reduce(load)
         total, main, mtp = losses.tolist()
         if not math.isfinite(total):
-            raise FloatingPointError(
-                f"the training loss is {total} at step {step + 1} of {args.steps} "
-                "(the model keeps the weights of the step before): the run diverged "
-                f"or overflowed. Try a lower lr (now {args.lr}) or FP32 (now "
-                f"{args.precision})")
+            raise not_finite(self.model, f"the training loss is {total}", step,
+                             args.steps, f"a lower lr (now {args.lr}) or FP32 (now "
+                                         f"{args.precision})")
         lr = args.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params,
-                                              args.grad_clip or math.inf)
+                                              args.grad_clip or math.inf).item()
+        if not math.isfinite(norm):  # clipping would make every weight NaN
+            raise not_finite(self.model, f"the gradient norm is {norm}", step,
+                             args.steps, f"a lower lr (now {args.lr}) or FP32 (now "
+                                         f"{args.precision})")
         self.optimizer.step()
         gamma = args.gamma_at(step, self.model.args.bias_update_speed)
         moes = self.model.moe_layers()
@@ -562,7 +588,7 @@ class Trainer:
         h.mtp_loss.append(mtp)
         h.lr.append(lr)
         h.batch_size.append(size)
-        h.grad_norm.append(norm.item())
+        h.grad_norm.append(norm)
         h.max_violation.append(sum(map(max_violation, ran)) / max(1, len(ran)))
         h.tokens_per_s.append(size * args.seq_len / (time.perf_counter() - start))
         if self.rank == 0 and ((args.eval_every and self.step % args.eval_every == 0)

@@ -289,6 +289,17 @@ def test_truncated_config_and_tokenizer(saved, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_config_without_a_model_field_is_refused(saved, tmp_path):
+    """A ModelArgs field left out of config.json would fall back to its default (V3's full size) and the weights'
+    shapes would be blamed; the missing field is named instead (also when the manifest is not checked)."""
+    copy_checkpoint(saved, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json lacks the model fields dim: it must give every ModelArgs"):
+        load_checkpoint(tmp_path, verify=False)
+
+
 def test_missing_and_extra_tensors(saved, tmp_path):
     path = copy_checkpoint(saved, tmp_path) / "model.safetensors"
     tensors = load_file(str(path))

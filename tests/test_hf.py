@@ -318,6 +318,20 @@ def test_a_release_folder_that_does_not_match_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 16}))
     with pytest.raises(ValueError, match="has shape .* but the config implies"):
         load_release(tmp_path)
+    # a field without a default is required (hidden_size used to fall back to V3's 7168, then the weights' shapes
+    # were blamed)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                      if k not in ("hidden_size", "n_group")}))
+    with pytest.raises(ValueError, match=r"config.json lacks hidden_size, n_group: a DeepSeek-V3 config.json "
+                                         r"gives each"):
+        load_release(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # an index that lost the entries of a shard names the weight and the index, not the config
+    weight_map = read_index(tmp_path)["weight_map"]
+    write_index(tmp_path, {k: v for k, v in weight_map.items() if ".layers.2." not in k})
+    with pytest.raises(ValueError, match=r"weight 'model.layers.2.\S+' is missing: model.safetensors.index.json "
+                                         r"names no shard for it"):
+        load_release(tmp_path)
 
 
 def logits(model, seed: int = 6):

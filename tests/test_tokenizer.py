@@ -95,3 +95,28 @@ def test_a_corpus_encodes_with_it(tok, documents):
     assert corpus.train.max() < tok.vocab_size
     first_doc = (corpus.train == tok.eot_id).nonzero()[0].item()
     assert tok.decode(corpus.train[:first_doc]) == documents[0].text
+
+
+def test_a_very_long_word_is_learned_from_in_pieces(documents):
+    """The BPE trainer's time grows with the square of a word's length: a 3 MB word ran for most of an hour. Runs of
+    more than LONGEST_RUN characters without a space are cut for training (the book's corpus has none, so its
+    tokenizer is unchanged), and such a word still encodes and decodes exactly."""
+    import random
+    import subprocess
+    import sys
+
+    from dsv3_lite.tokenizer import LONGEST_RUN, _bounded
+
+    text = "short words. " + "x" * (2 * LONGEST_RUN + 5) + " end"
+    pieces = list(_bounded([text]))
+    assert "".join(pieces) == text and max(len(p) for p in pieces) <= LONGEST_RUN + len("short words. ")
+    assert all(len(run) <= LONGEST_RUN for p in pieces for run in p.split())
+    assert list(_bounded(d.text for d in documents)) == [d.text for d in documents]
+    with pytest.raises(TypeError, match="texts must be str, got int"):
+        list(_bounded([1]))
+    word = "".join(random.Random(0).choice("abcdefghij") for _ in range(30_000))
+    tok = BPETokenizer.train([word, "hello world"], vocab_size=400)
+    assert tok.decode(tok.encode(word)) == word
+    code = ("import random; from dsv3_lite.tokenizer import BPETokenizer; r = random.Random(0); "
+            "BPETokenizer.train([''.join(r.choice('abcdefghij') for _ in range(3_000_000))], 1024)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)  # a hang fails here

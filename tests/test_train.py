@@ -136,12 +136,21 @@ def test_zero_warmup_and_no_clipping_are_valid(corpus):
 
 
 def test_a_loss_that_is_not_finite_stops_training(corpus):
-    """A model whose logits overflow (as an FP16 run's can) must not keep training on NaN."""
+    """A model must not keep training on NaN: a weight that is NaN or infinite before training is named (the
+    learning rate is not the cause); a loss or gradient that overflows (as an FP16 run's can) is blamed on the
+    run, and its step is not applied."""
     model = Bigram()
     with torch.no_grad():
         model.table.weight[:, 0] = float("inf")
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 30 .*FP32 or BF16.*lower lr"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 30 \(the step is not applied\): the "
+                                                 r"weight table.weight already holds NaN or infinite values"):
         train_lm(model, corpus, steps=30, batch_size=4, seq_len=16, progress=False)
+    model = Bigram()
+    model.table.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at step 1 of 30 .*diverged.*FP32 "
+                                                 r"or BF16 instead of FP16"):
+        train_lm(model, corpus, steps=30, batch_size=4, seq_len=16, progress=False)
+    assert torch.isfinite(model.table.weight).all()
     calls = []
 
     def diverging(model, x, y):  # finite for two steps, then NaN: the error names the step
@@ -266,6 +275,54 @@ def test_command_line_errors(tmp_path, capsys):
             main(argv)
         assert re.search(message, capsys.readouterr().err), argv
     assert not (tmp_path / "new").exists()
+
+
+def test_command_line_checks_its_input_before_the_first_step(tmp_path, capsys, monkeypatch):
+    """Each of these used to end in a traceback, a hang (/dev/zero, one 3 MB word) or an error after the whole
+    run had trained. Now each is a clear error before the first step, and nothing is saved."""
+    texts = {"empty": b"", "nul": b"\0" * 1000, "few": b"one\n\ntwo\n\nthree\n",
+             "short": "\n\n".join(f"note {i}" for i in range(30)).encode(),
+             "big": b"word " * 300_000}
+    for name, data in texts.items():
+        (tmp_path / f"{name}.txt").write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    new = str(tmp_path / "new")
+    cases = [
+        (["--text", str(tmp_path / "folder")], r"folder is a directory: give a text file"),
+        (["--text", str(tmp_path / "missing.txt")], r"missing.txt: no such file"),
+        (["--text", str(tmp_path / "empty.txt")], r"holds 0 documents, and training needs at least 10 .*a "
+                                                  r"document is a paragraph, and paragraphs are separated by a blank"),
+        (["--text", str(tmp_path / "few.txt")], r"holds 3 documents, and training needs at least 10"),
+        (["--text", str(tmp_path / "nul.txt")], r"nul.txt holds NUL bytes \(the first at byte 0\): a binary file"),
+        (["--text", str(tmp_path / "big.txt"), "--text-limit", "1"], r"big.txt has 1,500,000 bytes, more than "
+                                                                     r"the limit of 1,048,576"),
+        (["--text", str(tmp_path / "short.txt")], r"seq_len \(32\) must be < the corpus' val split \(\d+ tokens\)"),
+        (["--text-limit", "0"], r"--text-limit \(0\) must be >= 1"),
+    ]
+    if os.path.exists("/dev/zero"):
+        cases.append((["--text", "/dev/zero"], r"/dev/zero is not a regular file \(a device or a pipe\?\)"))
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], r"--device cuda: torch sees no CUDA GPU here"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            main(["--out", new, *CLI, *argv])
+        assert re.search(message, capsys.readouterr().err), argv
+        assert not steps_of(new), argv
+    with pytest.raises(SystemExit):  # --out under a file
+        main(["--out", str(tmp_path / "file" / "run"), *CLI])
+    assert re.search(r"file/run: cannot save checkpoints there \(Not a directory\); choose a writable folder",
+                     capsys.readouterr().err)
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(pathlib.Path, "write_bytes", read_only)
+    trained = []
+    monkeypatch.setattr("dsv3_lite.trainer.Trainer.train_step", lambda self: trained.append(1))
+    with pytest.raises(SystemExit):  # a read-only --out: refused before the first step
+        main(["--out", new, *CLI])
+    assert "cannot save checkpoints there (Read-only file system)" in capsys.readouterr().err
+    assert not trained
 
 
 def test_command_line_never_replaces_what_it_did_not_create(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 
 from dsv3_lite import ModelArgs
 from dsv3_lite.checkpoint import load_checkpoint, save_checkpoint
-from dsv3_lite.data import Corpus, build_documents
+from dsv3_lite.data import Corpus, Document, build_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import History, Trainer, TrainArgs
@@ -252,14 +252,41 @@ def test_until_must_lie_ahead(tok, corpus):
 
 
 def test_a_loss_that_is_not_finite_stops_before_the_step(tok, corpus):
+    """A weight that is already NaN or infinite is named (no learning rate caused it); a run whose loss or
+    gradient overflows is told to lower the learning rate. The step is never applied."""
     trainer = make(tok, corpus)
     with torch.no_grad():
         trainer.model.head.weight[0, 0] = float("inf")
     before = [p.clone() for p in trainer.model.parameters()]
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 10 .*lower lr"):
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 1 of 10 \(the step is not applied\): the "
+                                                 r"weight head.weight already holds NaN or infinite values.*the "
+                                                 r"learning rate is not the cause"):
         trainer.train()
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
     assert trainer.step == 0
+
+    trainer = make(tok, corpus)  # the logits overflow at step 2: the run diverged
+    trainer.model.head.register_forward_hook(
+        lambda module, args, out: out * float("nan") if trainer.step == 1 else None)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 of 10 .*: the run diverged or "
+                                                 r"overflowed. Try a lower lr \(now 0.003\)"):
+        trainer.train()
+    assert trainer.step == 1
+
+    trainer = make(tok, corpus)  # a finite loss whose gradient overflows: clipping would spread NaN everywhere
+    before = [p.clone() for p in trainer.model.parameters()]
+    trainer.model.head.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) at step 1 of 10 .*diverged"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+
+
+def test_a_corpus_too_small_for_one_window_is_refused_before_training(tok):
+    """A validation split shorter than seq_len used to fail at the first evaluation, after the run trained."""
+    small = Corpus([Document("text", f"tiny {i}") for i in range(20)], tokenizer=tok, fim_rate=0.1)
+    with pytest.raises(ValueError, match=r"seq_len \(16\) must be < the corpus' val split \(\d+ tokens\): give "
+                                         r"more text or a shorter seq_len"):
+        make(tok, small, seq_len=16)
 
 
 # ------------------------------------------------------------------------------------ schedules in tokens
