@@ -14,7 +14,8 @@ beside the target, flushed to the disk (fsync), and the folder is renamed into
 place in one step. A training run keeps its checkpoints in step folders of a run
 folder (`save_step`: runs/tiny/step-00000200, ...; the newest `keep` are kept), so
 a save cut short by a crash, a kill or a full disk leaves the previous checkpoint
-as it was. `load_checkpoint` of a run folder loads its newest checkpoint whose
+as it was; there the flush runs behind training, and a step folder is removed only
+once the newer ones are on the disk. `load_checkpoint` of a run folder loads its newest checkpoint whose
 files match their manifest, and names any newer one it had to skip.
 
 Loading checks every file and every tensor: a file that differs from the manifest
@@ -37,7 +38,7 @@ import pathlib
 import pickle
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import safetensors.torch
@@ -117,24 +118,34 @@ def _fsync(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: pathlib.Path, data: bytes, durable: bool) -> None:
-    """Write a new file; with `durable`, wait until its bytes are on the disk."""
+def _write_bytes(path: pathlib.Path, data: bytes, sync: bool) -> None:
+    """Write a new file; with `sync`, wait until its bytes are on the disk."""
     with open(path, "xb") as file:
         file.write(data)
         file.flush()
-        if durable:
+        if sync:
             os.fsync(file.fileno())
 
 
+def _sync_folder(directory: pathlib.Path) -> None:
+    """Flush a folder's files, the folder and its parent to the disk."""
+    for path in directory.iterdir():
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+    _fsync(directory)
+    _fsync(directory.parent)
+
+
 def _publish(files: Iterable[tuple[str, bytes]], directory: pathlib.Path,
-             durable: bool, replace: bool) -> None:
+             manifest: bool, sync: bool, replace: bool) -> None:
     """Write `files` ((name, bytes) pairs, made as they are asked for) and, with
-    `durable`, their manifest into a hidden folder beside `directory`, then rename
+    `manifest`, their manifest into a hidden folder beside `directory`, then rename
     it to `directory` (which must not exist, be empty, or with `replace` is swapped
-    out and removed). Each file is written, flushed to the disk and hashed in worker
+    out and removed). With `sync`, every file and folder is flushed to the disk
+    (fsync) before the rename. Each file is written, flushed and hashed in worker
     threads while the next one is made (the hashing and the disk wait release the
-    GIL), so the safety costs little time. A failure removes the hidden folder and
-    leaves `directory` as it was; a full disk says so."""
+    GIL). A failure removes the hidden folder and leaves `directory` as it was; a
+    full disk says so."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -145,17 +156,18 @@ def _publish(files: Iterable[tuple[str, bytes]], directory: pathlib.Path,
         with ThreadPoolExecutor(max_workers=4) as pool:
             pending = []
             for name, data in files:
-                written = pool.submit(_write_bytes, temporary / name, data, durable)
-                digest = pool.submit(_digest, data) if durable else None
+                written = pool.submit(_write_bytes, temporary / name, data, sync)
+                digest = pool.submit(_digest, data) if manifest else None
                 pending.append((name, len(data), written, digest))
-            manifest = {}
+            listed = {}
             for name, size, written, digest in pending:
                 written.result()
-                if durable:
-                    manifest[name] = {"bytes": size, "sha256": digest.result()}
-        if durable:
-            text = json.dumps({"files": manifest}, indent=2) + "\n"
-            _write_bytes(temporary / MANIFEST, text.encode(), durable)
+                if manifest:
+                    listed[name] = {"bytes": size, "sha256": digest.result()}
+        if manifest:
+            text = json.dumps({"files": listed}, indent=2) + "\n"
+            _write_bytes(temporary / MANIFEST, text.encode(), sync)
+        if sync:
             _fsync(temporary)
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
@@ -174,7 +186,7 @@ def _publish(files: Iterable[tuple[str, bytes]], directory: pathlib.Path,
                           str(directory)) from None
         raise
     shutil.rmtree(old, ignore_errors=True)
-    if durable:
+    if sync:
         _fsync(directory.parent)
 
 
@@ -183,6 +195,21 @@ def _config(model: Transformer, trainer: Trainer | None,
     return {"model": dataclasses.asdict(model.args),
             "train": dataclasses.asdict(trainer.args) if trainer else None,
             "data": data or {}, "trainer_state": trainer is not None}
+
+
+def _files(model: Transformer, tokenizer: BPETokenizer, trainer: Trainer | None,
+           data: dict[str, Any] | None) -> Iterator[tuple[str, bytes]]:
+    """A checkpoint's files as (name, bytes), the largest first."""
+    if trainer is not None:
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        yield "trainer_state.pt", buffer.getvalue()
+    state, _ = _unique_state(model)
+    yield "model.safetensors", safetensors.torch.save(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()})
+    yield "config.json", (json.dumps(_config(model, trainer, data), indent=2)
+                          + "\n").encode()
+    yield "tokenizer.json", tokenizer.tokenizer.to_str().encode()
 
 
 def save_checkpoint(directory: str | pathlib.Path, model: Transformer,
@@ -198,20 +225,8 @@ def save_checkpoint(directory: str | pathlib.Path, model: Transformer,
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
         raise ValueError(f"{directory} is not empty: a checkpoint is saved into a "
                          "new or empty folder (overwrite=True replaces it)")
-    state, _ = _unique_state(model)
-
-    def files() -> Iterator[tuple[str, bytes]]:  # the largest first
-        if trainer is not None:
-            buffer = io.BytesIO()
-            torch.save(trainer.state_dict(), buffer)
-            yield "trainer_state.pt", buffer.getvalue()
-        yield "model.safetensors", safetensors.torch.save(
-            {k: v.detach().cpu().contiguous() for k, v in state.items()})
-        yield "config.json", (json.dumps(_config(model, trainer, data), indent=2)
-                              + "\n").encode()
-        yield "tokenizer.json", tokenizer.tokenizer.to_str().encode()
-
-    _publish(files(), directory, durable, replace=overwrite)
+    _publish(_files(model, tokenizer, trainer, data), directory, manifest=durable,
+             sync=durable, replace=overwrite)
     return directory
 
 
@@ -224,27 +239,59 @@ def steps_of(run: str | pathlib.Path) -> list[pathlib.Path]:
                   if STEP_FOLDER.fullmatch(p.name) and p.is_dir())
 
 
+# a run folder -> the flush of its last save_step (one thread does them in order)
+_flushes: dict[pathlib.Path, Future] = {}
+_flusher = ThreadPoolExecutor(max_workers=1)
+
+
 def save_step(run: str | pathlib.Path, model: Transformer, tokenizer: BPETokenizer,
               trainer: Trainer, data: dict[str, Any] | None = None, keep: int = 2,
               durable: bool = True) -> pathlib.Path:
-    """Save the run's checkpoint at `trainer.step` as `run`/step-NNNNNNNN, then
-    remove all but the newest `keep` step folders, and any of a later step (left
-    by a run that was resumed from an earlier one). Returns the new folder."""
+    """Save the run's checkpoint at `trainer.step` as `run`/step-NNNNNNNN (complete
+    and verified by its manifest when this returns), then remove any step folder
+    of a later step (left by a run that was resumed from an earlier one) and all
+    but the newest `keep`. The flush of the new folder to the disk (fsync) runs in
+    a background thread while training goes on, and the older folders are removed
+    only after it, so a power cut never leaves fewer sound checkpoints on the disk
+    than before; `flushed(run)` waits for it (the next save_step does, and the
+    interpreter at exit). `durable=False`: no manifest, no flush (to measure their
+    cost). Returns the new folder."""
     check_int("keep", keep, 1)
     run = pathlib.Path(run)
+    flushed(run)
     directory = run / f"step-{trainer.step:08d}"
     if run.is_dir():
         for path in run.iterdir():
             if LEFTOVER.fullmatch(path.name):
                 shutil.rmtree(path, ignore_errors=True)
-    save_checkpoint(directory, model, tokenizer, trainer, data, overwrite=True,
-                    durable=durable)
+    _publish(_files(model, tokenizer, trainer, data), directory, manifest=durable,
+             sync=False, replace=True)
     steps = steps_of(run)
-    later = [p for p in steps if p.name > directory.name]
-    earlier = [p for p in steps if p.name < directory.name]
-    for path in later + earlier[:max(0, len(earlier) - keep + 1)]:
+    for path in steps[steps.index(directory) + 1:]:  # of a later step
         shutil.rmtree(path)
+    stale = steps[:max(0, steps.index(directory) - keep + 1)]
+    if durable:
+        _flushes[run.resolve()] = _flusher.submit(_flush_then_remove, directory,
+                                                  stale)
+    else:
+        for path in stale:
+            shutil.rmtree(path)
     return directory
+
+
+def _flush_then_remove(directory: pathlib.Path, stale: list[pathlib.Path]) -> None:
+    _sync_folder(directory)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def flushed(run: str | pathlib.Path) -> None:
+    """Wait until the last `save_step` of `run` is on the disk and its older step
+    folders are removed; raise the error the flush met, if any (a full disk, a
+    failing device)."""
+    pending = _flushes.pop(pathlib.Path(run).resolve(), None)
+    if pending is not None:
+        pending.result()
 
 
 def write_file(path: str | pathlib.Path, text: str) -> None:
@@ -253,7 +300,7 @@ def write_file(path: str | pathlib.Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         temporary.unlink(missing_ok=True)
-        _write_bytes(temporary, text.encode("utf-8"), durable=True)
+        _write_bytes(temporary, text.encode("utf-8"), True)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
@@ -339,12 +386,16 @@ def verify_manifest(directory: str | pathlib.Path) -> None:
 
 
 def _load_folder(directory: pathlib.Path, device: torch.device | str,
-                 check: bool) -> Checkpoint:
+                 check: bool, step: bool = False) -> Checkpoint:
+    """A checkpoint folder; a `step` folder of a run must have its manifest."""
     absent = [f for f in FILES[:3] if not (directory / f).is_file()]
     if absent:
         raise FileNotFoundError(f"{directory} is not a dsv3_lite checkpoint: "
                                 f"{', '.join(absent)} missing (a checkpoint holds "
                                 f"{', '.join(FILES)})")
+    if check and step and not (directory / MANIFEST).is_file():
+        raise ValueError(f"{directory} has no {MANIFEST}: a save that did not reach "
+                         "the disk (a power cut?) or a folder made by hand")
     if check and (directory / MANIFEST).exists():
         verify_manifest(directory)
     config = _read_config(directory)
@@ -382,7 +433,7 @@ def load_checkpoint(directory: str | pathlib.Path,
     skipped = []
     for step in reversed(steps):
         try:
-            loaded = _load_folder(step, device, verify)
+            loaded = _load_folder(step, device, verify, step=True)
         except (ValueError, FileNotFoundError) as err:
             skipped.append(f"{step.name} skipped: {err}")
             continue
@@ -444,11 +495,11 @@ def export(source: str | pathlib.Path, target: str | pathlib.Path,
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config["trainer_state"] = False
     files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
-    _publish(files.items(), target, durable=True, replace=True)
+    _publish(files.items(), target, manifest=True, sync=True, replace=True)
     return target
 
 
 __all__ = ["save_checkpoint", "save_step", "load_checkpoint", "load_weights",
            "export", "export_problem", "verify_manifest", "sha256", "steps_of",
-           "write_file",
+           "flushed", "write_file",
            "Checkpoint", "FILES", "MANIFEST", "BOOK_CHECKPOINT"]

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dsv3_lite.checkpoint import (FILES, MANIFEST, export, export_problem,
+from dsv3_lite.checkpoint import (FILES, MANIFEST, export, export_problem, flushed,
                                   load_checkpoint, save_step, sha256, steps_of,
                                   write_file)
 from dsv3_lite.config import ModelArgs, check_int
@@ -615,7 +615,8 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
 
     saved = []
 
-    def save() -> None:
+    def save(last: bool = False) -> None:
+        """A checkpoint; the last one waits until it is on the disk."""
         if rank != 0:
             return
         try:
@@ -623,6 +624,8 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
                                    keep=opts.keep))
             write_file(opts.out / "history.json",
                        json.dumps(dataclasses.asdict(trainer.history)) + "\n")
+            if last:
+                flushed(opts.out)
         except OSError as err:
             sys.exit(f"error: {err}")
 
@@ -636,11 +639,11 @@ def _run(opts: argparse.Namespace, parser: argparse.ArgumentParser, rank: int,
     try:
         trainer.train(until=stop, after_step=after_step)
     except KeyboardInterrupt:
-        save()
+        save(last=True)
         say(f"interrupted at step {trainer.step}: checkpoint in {opts.out}; "
             "continue with --resume")
         sys.exit(130)
-    save()
+    save(last=True)
     speed = sorted(trainer.history.tokens_per_s)
     if speed:
         say(f"median {speed[len(speed) // 2]:,.0f} tokens/s (all processes)")

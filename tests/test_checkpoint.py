@@ -6,6 +6,7 @@ export never destroys a run, a folder it does not own, or follows a link out of 
 import errno
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from dsv3_lite import ModelArgs
 from dsv3_lite import checkpoint
 from dsv3_lite.checkpoint import (BOOK_CHECKPOINT, FILES, MANIFEST, export, load_checkpoint, load_weights,
-                                  save_checkpoint, save_step, steps_of)
+                                  flushed, save_checkpoint, save_step, steps_of, verify_manifest)
 from dsv3_lite.data import Corpus, build_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
@@ -171,8 +172,15 @@ def test_a_run_folder_keeps_its_newest_checkpoints_and_loads_the_newest_sound_on
         trainer.step = step
         save_step(run, model, tok, trainer, keep=2)
     trainer.step = 2
+    flushed(run)
     assert [p.name for p in steps_of(run)] == ["step-00000003", "step-00000004"]
     assert load_checkpoint(run).path == run / "step-00000004" and load_checkpoint(run).skipped == ()
+    manifest = run / "step-00000004" / MANIFEST  # a step folder whose manifest never reached the disk
+    text = manifest.read_text()
+    manifest.unlink()
+    loaded = load_checkpoint(run)
+    assert loaded.path == run / "step-00000003" and "step-00000004 has no manifest.json" in loaded.skipped[0]
+    manifest.write_text(text)
     weights = run / "step-00000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
     loaded = load_checkpoint(run)
@@ -188,6 +196,38 @@ def test_a_run_folder_keeps_its_newest_checkpoints_and_loads_the_newest_sound_on
         save_step(run, model, tok, trainer, keep=0)
 
 
+def test_older_checkpoints_are_removed_only_once_the_new_one_is_on_the_disk(saved, tok, tmp_path, monkeypatch):
+    """save_step returns when the new step folder is complete; its flush to the disk runs in the background, and
+    the folders it replaces stay until that flush is done (a power cut in between finds them). An error of the
+    flush is raised by flushed() or the next save."""
+    _, model, trainer = saved
+    run = tmp_path / "run"
+    trainer.step = 1
+    save_step(run, model, tok, trainer, keep=1)
+    flushed(run)
+    release, sync = threading.Event(), checkpoint._sync_folder
+    monkeypatch.setattr(checkpoint, "_sync_folder", lambda folder: (release.wait(30), sync(folder)))
+    try:
+        trainer.step = 2
+        second = save_step(run, model, tok, trainer, keep=1)
+        verify_manifest(second)  # complete and verified at once
+        assert [p.name for p in steps_of(run)] == ["step-00000001", "step-00000002"]  # the flush has not run
+        release.set()
+        flushed(run)
+        assert [p.name for p in steps_of(run)] == ["step-00000002"]
+
+        def failing(folder):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(checkpoint, "_sync_folder", failing)
+        trainer.step = 3
+        save_step(run, model, tok, trainer, keep=1)
+        with pytest.raises(OSError, match="Input/output error"):
+            flushed(run)
+        assert [p.name for p in steps_of(run)] == ["step-00000002", "step-00000003"]  # nothing removed
+    finally:
+        trainer.step = 2
+
+
 def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(saved, tok, tmp_path, monkeypatch):
     _, model, trainer = saved
     run = tmp_path / "run"
@@ -195,11 +235,11 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(saved, tok, tmp_p
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     write = checkpoint._write_bytes
 
-    def full(path, data, durable):
+    def full(path, data, sync):
         if path.name == "trainer_state.pt":  # the disk fills half-way through the third file
-            write(path, data[:len(data) // 2], durable)
+            write(path, data[:len(data) // 2], sync)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(path, data, durable)
+        write(path, data, sync)
 
     monkeypatch.setattr(checkpoint, "_write_bytes", full)
     trainer.step = 3

@@ -392,10 +392,10 @@ def test_command_line_says_when_the_disk_is_full(whole_run, tmp_path, monkeypatc
     out = tmp_path / "run"
     write = checkpoint._write_bytes
 
-    def full_at_step_5(path, data, durable):
+    def full_at_step_5(path, data, sync):
         if path.parent.name.startswith(".step-00000005.") and path.name == "trainer_state.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(path, data, durable)
+        write(path, data, sync)
 
     monkeypatch.setattr(checkpoint, "_write_bytes", full_at_step_5)
     with pytest.raises(SystemExit) as stopped:
