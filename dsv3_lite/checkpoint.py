@@ -15,8 +15,9 @@ place in one step. A training run keeps its checkpoints in step folders of a run
 folder (`save_step`: runs/tiny/step-00000200, ...; the newest `keep` are kept), so
 a save cut short by a crash, a kill or a full disk leaves the previous checkpoint
 as it was; there the flush runs behind training, and a step folder is removed only
-once the newer ones are on the disk. `load_checkpoint` of a run folder loads its newest checkpoint whose
-files match their manifest, and names any newer one it had to skip.
+once the newer ones are on the disk. `load_checkpoint` of a run folder loads its
+newest checkpoint whose files match their manifest, and names any newer one it had
+to skip.
 
 Loading checks every file and every tensor: a file that differs from the manifest
 (flipped bytes, an edited config, another tokenizer), truncated, missing, left over

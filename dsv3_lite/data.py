@@ -383,6 +383,11 @@ class Corpus:
         if len(documents) < val_every:
             raise ValueError(f"need at least val_every ({val_every}) documents, got "
                              f"{len(documents)}")
+        strange = next((d for d in documents if not isinstance(d, Document)), None)
+        if strange is not None:
+            raise TypeError(f"documents must be Document(domain, text) items, got "
+                            f"{type(strange).__name__} (for plain texts: "
+                            "[Document('text', t) for t in texts])")
         self.tokenizer = tokenizer or ByteTokenizer()
         present = dict.fromkeys(d.domain for d in documents)
         self.domains = tuple([d for d in DOMAINS if d in present]

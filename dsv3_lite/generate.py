@@ -214,6 +214,13 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
                 generator: torch.Generator | None, stop_token: int | None) -> int:
     model.check_tokens(tokens)
     device = model.embed.weight.device
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__} (a seed? "
+                        "torch.Generator().manual_seed(seed))")
+    if not isinstance(speculative, bool):
+        raise TypeError(f"speculative must be True or False, got "
+                        f"{type(speculative).__name__} {speculative!r}")
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but "
                          f"the model is on {device}: create it with "

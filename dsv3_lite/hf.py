@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.fp8 import weight_dequant, weight_quant
 from dsv3_lite.model import Transformer
 
@@ -289,8 +289,8 @@ def from_hf(hf_model: Any, mtp_model: Any | None = None, **overrides) -> Transfo
     unchanged. Weights are copied in FP32.
     """
     for name, value in (("hf_model", hf_model), ("mtp_model", mtp_model)):
-        if value is not None and not (isinstance(value, torch.nn.Module)
-                                      and hasattr(value, "config")):
+        if (value is not None or name == "hf_model") and not (
+                isinstance(value, torch.nn.Module) and hasattr(value, "config")):
             raise TypeError(f"{name} must be a transformers model (a torch.nn.Module "
                             "with a .config, e.g. DeepseekV3ForCausalLM), got "
                             f"{type(value).__name__}: load a folder with "
@@ -535,12 +535,17 @@ def save_release(model: Transformer, directory: str | pathlib.Path, fp8: bool = 
     as E4M3 with an FP32 `weight_scale_inv` per 128x128 block, in the same shard
     (the others in BF16, the gate's bias in FP32); without, everything in FP32.
 
-    Every file is first written under a temporary name in `directory`, then renamed;
-    only then are an earlier release's shards that the new index does not name
-    removed. So a save that fails leaves the earlier release as it was."""
-    if shard_bytes <= 0:
-        raise ValueError(f"shard_bytes ({shard_bytes}) must be > 0")
+    `directory` must be new, empty or an earlier release. Every file is first
+    written under a temporary name in `directory`, then renamed; only then are an
+    earlier release's shards that the new index does not name removed. So a save
+    that fails leaves the earlier release as it was."""
+    check_int("shard_bytes", shard_bytes, 1)
     directory = pathlib.Path(directory)
+    if (directory.is_dir() and any(directory.iterdir())
+            and not (directory / "model.safetensors.index.json").is_file()):
+        raise ValueError(f"{directory} holds files and is not a release (it has no "
+                         "model.safetensors.index.json): save_release writes into a "
+                         "new or empty folder, or over an earlier release")
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in release_state_dict(model).items():

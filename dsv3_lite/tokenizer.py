@@ -18,6 +18,7 @@ is small and repetitive enough for about a thousand.
 """
 from __future__ import annotations
 
+import numbers
 import pathlib
 import re
 from typing import Iterable, Iterator, Sequence
@@ -34,6 +35,9 @@ _LONG_RUN = re.compile(rf"(\S{{{LONGEST_RUN}}})")
 def _bounded(texts: Iterable[str]) -> Iterator[str]:
     """`texts` with every run of more than LONGEST_RUN non-space characters cut
     into pieces of at most that many, given to the trainer apart."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of str (one text per document), "
+                        "not one str: it would be read character by character")
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__}")
@@ -113,7 +117,12 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        return self.tokenizer.encode(text).ids
+        try:
+            return self.tokenizer.encode(text).ids
+        except TypeError:  # tokenizers refuses what is not valid UTF-8
+            raise ValueError("text holds a lone surrogate (a half of a UTF-16 pair, "
+                             "e.g. from text decoded with errors='surrogateescape'), "
+                             "which is not UTF-8 text") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` of many texts at once (in parallel threads)."""
@@ -124,6 +133,11 @@ class BPETokenizer:
         special tokens are written by name."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or any(
+                isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                for i in ids):
+            raise TypeError("ids must be a sequence of int token ids or a tensor, "
+                            f"got {type(ids).__name__} {str(ids)[:40]}")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, "

@@ -318,7 +318,13 @@ def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
 
 def _documents(data: dict[str, Any], text_limit: int) -> list[Document]:
     if data["text"] is None:
-        return build_documents(data["docs_per_domain"])
+        documents = build_documents(data["docs_per_domain"])
+        if len(documents) < VAL_EVERY:
+            raise ValueError(f"--docs-per-domain {data['docs_per_domain']} makes "
+                             f"{len(documents)} documents, and training needs at "
+                             f"least {VAL_EVERY} (every {VAL_EVERY}th is held out "
+                             "for validation)")
+        return documents
     documents = read_documents(data["text"], text_limit * 2**20)
     if len(documents) < VAL_EVERY:
         raise ValueError(f"--text {data['text']} holds {len(documents)} documents, "
@@ -537,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     """The command line (see the module docstring and --help)."""
     parser = _parser()
     opts = parser.parse_args(argv)
+    if not str(opts.out).strip() or opts.out == pathlib.Path():
+        parser.error(f"--out ({str(opts.out)!r}) must name a run folder, not the "
+                     "current one")
     for option, value, minimum in (("--save-every", opts.save_every, 0),
                                    ("--keep", opts.keep, 1),
                                    ("--threads", opts.threads, 1),

@@ -293,6 +293,9 @@ class TrainArgs:
                               ("warmup_steps", 0), ("eval_every", 0),
                               ("eval_batches", 1)):
             check_int(name, getattr(self, name), minimum)
+        if self.seed >= 2**40:  # seed * 100_003 + epoch must fit torch's 64 bits
+            raise ValueError(f"seed ({self.seed}) must be < 2**40: the data order of "
+                             "each pass is drawn from seed x 100003 + the pass")
         _check_rate("lr", self.lr, positive=True)
         for name in ("lr_decayed", "lr_final", "weight_decay", "mtp_lambda",
                      "mtp_lambda_late"):
@@ -343,6 +346,8 @@ class TrainArgs:
                             f"not {', '.join(unknown)}")
         for name, value in breakpoints.items():
             _check_tokens(name, value)
+        if not breakpoints:
+            return self
 
         def target(value: int | float, counts: list[int]) -> float:
             return value if isinstance(value, int) else value * counts[-1]

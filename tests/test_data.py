@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsv3_lite.data import (DOMAINS, QUESTION, ByteTokenizer, Corpus, Document, build_documents, final_answer,
-                            fim_encode, fim_split, held_out_questions)
+                            fim_encode, fim_split, held_out_questions, read_documents)
 
 # sha256 of the default train split: any change to the generator (or to Python's `random`) changes it, and
 # with it every chapter's numbers.
@@ -136,6 +136,13 @@ def test_text_file_errors_name_the_file_and_the_rule(tmp_path):
     bom.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(f"p{i}" for i in range(10)).encode())
     corpus = Corpus.from_text_file(bom)  # the byte-order mark is not text, CRLF blank lines separate too
     assert corpus.tokenizer.decode(corpus.train[:3]) == "p0<|endoftext|>"
+    for path, message in [(tmp_path, r"is a directory: give a text file"), (tmp_path / "none.txt", "no such file")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            Corpus.from_text_file(path)
+    with pytest.raises(ValueError, match=r"bom.txt has 59 bytes, more than the limit of 10"):
+        read_documents(bom, limit=10)
+    with pytest.raises(TypeError, match=r"documents must be Document\(domain, text\) items, got str"):
+        Corpus([f"plain text {i}" for i in range(20)])
 
 
 def test_default_corpus_copies_are_independent():

@@ -268,6 +268,10 @@ def test_bad_arguments_raise_clear_errors(model):
             generate(model, tokens, 4, **bad)
     with pytest.raises(ValueError, match=r"tokens are on meta but the model is on cpu"):
         generate(model, tokens.to("meta"), 4)
+    with pytest.raises(TypeError, match=r"speculative must be True or False, got str 'no'"):
+        generate(model, tokens, 4, speculative="no")  # a non-empty string used to count as True
+    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
+        generate(model, tokens, 4, temperature=1.0, generator=42)
     torch.manual_seed(0)
     no_mtp = Transformer(model.args.replace(mtp_depth=0))
     with pytest.raises(ValueError, match=r"mtp_depth >= 1"):

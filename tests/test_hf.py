@@ -526,6 +526,23 @@ def test_broken_files_and_wrong_arguments_are_named(tmp_path):
         load_release(tmp_path)
     with pytest.raises(TypeError, match=r"hf_model must be a transformers model .* got str: .*load_release"):
         from_hf(str(tmp_path))
+    with pytest.raises(TypeError, match=r"hf_model must be a transformers model .* got NoneType"):
+        from_hf(None)
+    with pytest.raises(ValueError, match=r"shard_bytes \(0\) must be >= 1"):
+        save_release(random_model(mtp_depth=1), tmp_path, shard_bytes=0)
+
+
+def test_save_release_never_writes_over_a_folder_that_is_not_a_release(tmp_path):
+    """A dsv3_lite checkpoint, or a folder with a config.json of its own, used to be overwritten."""
+    from dsv3_lite.hf import save_release
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds files and is not a release \(it has no "
+                                         r"model.safetensors.index.json\): save_release writes into a new or empty"):
+        save_release(random_model(mtp_depth=1), tmp_path, fp8=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
+    assert (tmp_path / "config.json").read_text() == "{}"
 
 
 # the fields of config.json in DeepSeek's release of DeepSeek-V3 (Hugging Face deepseek-ai/DeepSeek-V3), but

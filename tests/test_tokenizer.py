@@ -90,6 +90,18 @@ def test_bad_vocab_size(documents):
         BPETokenizer.train(["abc"], vocab_size=600.0)
 
 
+def test_bad_texts_and_ids_are_named(tok):
+    """One string where a list of texts belongs used to train on its characters one by one; ids that are not
+    integers and text with a lone surrogate failed inside tokenizers without naming what was wrong."""
+    with pytest.raises(TypeError, match=r"texts must be an iterable of str .* not one str"):
+        BPETokenizer.train("one long text", vocab_size=300)
+    for ids in ([1.5], "abc"):
+        with pytest.raises(TypeError, match=r"ids must be a sequence of int token ids or a tensor"):
+            tok.decode(ids)
+    with pytest.raises(ValueError, match=r"text holds a lone surrogate"):
+        tok.encode("a\ud800b")
+
+
 def test_a_corpus_encodes_with_it(tok, documents):
     corpus = Corpus(documents, tokenizer=tok)
     assert corpus.train.max() < tok.vocab_size

@@ -299,6 +299,7 @@ def test_command_line_checks_its_input_before_the_first_step(tmp_path, capsys, m
                                                                      r"the limit of 1,048,576"),
         (["--text", str(tmp_path / "short.txt")], r"seq_len \(32\) must be < the corpus' val split \(\d+ tokens\)"),
         (["--text-limit", "0"], r"--text-limit \(0\) must be >= 1"),
+        (["--docs-per-domain", "1"], r"--docs-per-domain 1 makes 4 documents, and training needs at least 10"),
     ]
     if os.path.exists("/dev/zero"):
         cases.append((["--text", "/dev/zero"], r"/dev/zero is not a regular file \(a device or a pipe\?\)"))
@@ -309,6 +310,10 @@ def test_command_line_checks_its_input_before_the_first_step(tmp_path, capsys, m
             main(["--out", new, *CLI, *argv])
         assert re.search(message, capsys.readouterr().err), argv
         assert not steps_of(new), argv
+    for out in ("", "."):  # the current folder: --overwrite would delete it
+        with pytest.raises(SystemExit):
+            main(["--out", out, *CLI])
+        assert re.search(r"--out \('\.'\) must name a run folder, not the current one", capsys.readouterr().err)
     with pytest.raises(SystemExit):  # --out under a file
         main(["--out", str(tmp_path / "file" / "run"), *CLI])
     assert re.search(r"file/run: cannot save checkpoints there \(Not a directory\); choose a writable folder",

@@ -102,6 +102,7 @@ def test_mtp_weight_and_bias_speed_schedules():
     (dict(precision="fp16"), r"precision \('fp16'\) must be 'fp32', 'bf16' or 'fp8'"),
     (dict(grad_clip=-1.0), r"grad_clip \(-1.0\) must be a finite number >= 0 \(0 switches clipping off\)"),
     (dict(seq_len=32.0), r"seq_len must be an int, got float"),
+    (dict(seed=2**63), r"seed \(9223372036854775808\) must be < 2\*\*40"),
 ])
 def test_bad_train_args(setting, message):
     with pytest.raises((ValueError, TypeError), match=message):
