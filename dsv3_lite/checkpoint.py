@@ -427,6 +427,13 @@ def load_checkpoint(directory: str | pathlib.Path,
     taken). Its files are checked against the manifest (unless `verify=False`);
     the model is built from config.json on `device`, without drawing random
     numbers (torch's random state stays as it was), and takes the saved weights."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device ({device!r}) is not a torch device: "
+                         f"{err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device ({device}): torch sees no CUDA GPU here")
     directory = pathlib.Path(directory)
     steps = steps_of(directory)
     if not steps:

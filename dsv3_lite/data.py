@@ -249,6 +249,9 @@ def _code(rng: random.Random) -> str:
 def build_documents(docs_per_domain: int = 6000, seed: int = 0) -> list[Document]:
     """The default corpus: `docs_per_domain` documents of each domain,
     generated from `seed`."""
+    if isinstance(docs_per_domain, bool) or not isinstance(docs_per_domain, int):
+        raise TypeError(f"docs_per_domain must be an int, got "
+                        f"{type(docs_per_domain).__name__}")
     if docs_per_domain <= 0:
         raise ValueError(f"docs_per_domain ({docs_per_domain}) must be > 0")
     rng = random.Random(seed)
@@ -481,6 +484,9 @@ class Corpus:
         y (x shifted by one); with `domains`, also the domain index of each target
         token (into `self.domains`)."""
         data = self.split(split)
+        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) "
                              "must be > 0")

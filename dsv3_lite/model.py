@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.block import Block
-from dsv3_lite.config import ModelArgs
+from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.mla import CachedAttention
 from dsv3_lite.moe import Experts, Gate, MoE, Routing, expert_load
 from dsv3_lite.mtp import MTPModule, mtp_chain, mtp_loss
@@ -120,7 +120,8 @@ class Transformer(nn.Module):
         if tokens.ndim != 2 or 0 in tokens.shape:
             raise ValueError(f"{name} must have shape (batch, seq_len) with batch >= "
                              f"1 and seq_len >= 1, got {tuple(tokens.shape)}")
-        if start_pos < 0 or start_pos + tokens.shape[1] > self.args.max_seq_len:
+        check_int("start_pos", start_pos, 0)
+        if start_pos + tokens.shape[1] > self.args.max_seq_len:
             raise ValueError("positions start_pos .. start_pos + seq_len "
                              f"({start_pos} .. {start_pos + tokens.shape[1]}) must "
                              f"lie in [0, max_seq_len ({self.args.max_seq_len})]")
@@ -168,6 +169,9 @@ class Transformer(nn.Module):
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of "
                              f"tokens {tuple(tokens.shape)}")
         targets = targets.long()
+        if isinstance(mtp_lambda, bool) or not isinstance(mtp_lambda, (int, float)):
+            raise TypeError(f"mtp_lambda must be a number, got "
+                            f"{type(mtp_lambda).__name__}")
         if not mtp_lambda >= 0:
             raise ValueError(f"mtp_lambda ({mtp_lambda}) must be >= 0")
         h, routings = self.hidden_states(tokens)

@@ -35,9 +35,9 @@ _LONG_RUN = re.compile(rf"(\S{{{LONGEST_RUN}}})")
 def _bounded(texts: Iterable[str]) -> Iterator[str]:
     """`texts` with every run of more than LONGEST_RUN non-space characters cut
     into pieces of at most that many, given to the trainer apart."""
-    if isinstance(texts, str):
+    if isinstance(texts, str) or not isinstance(texts, Iterable):
         raise TypeError("texts must be an iterable of str (one text per document), "
-                        "not one str: it would be read character by character")
+                        f"got {type(texts).__name__}")
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__}")

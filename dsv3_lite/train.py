@@ -552,6 +552,10 @@ def main(argv: list[str] | None = None) -> None:
                                    ("--text-limit", opts.text_limit, 1)):
         if value is not None and value < minimum:
             parser.error(f"{option} ({value}) must be >= {minimum}")
+    cores = os.cpu_count() or 1
+    if opts.threads is not None and opts.threads > 4 * cores:
+        parser.error(f"--threads ({opts.threads}) must be <= 4 x this machine's "
+                     f"{cores} cores: more threads only wait on each other")
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here (a CPU build of "
                      f"torch, {torch.__version__}, or no driver); leave --device out "

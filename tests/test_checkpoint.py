@@ -329,6 +329,14 @@ def test_truncated_config_and_tokenizer(saved, tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_device_that_is_not_one_is_named(saved):
+    with pytest.raises(ValueError, match=r"device \('bogus'\) is not a torch device"):
+        load_checkpoint(saved[0], device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device \(cuda\): torch sees no CUDA GPU here"):
+            load_checkpoint(saved[0], device="cuda")
+
+
 def test_a_config_without_a_model_field_is_refused(saved, tmp_path):
     """A ModelArgs field left out of config.json would fall back to its default (V3's full size) and the weights'
     shapes would be blamed; the missing field is named instead (also when the manifest is not checked)."""

@@ -110,6 +110,10 @@ def test_batch_rejects_bad_requests(corpus):
     small = Corpus([Document("text", "ab")] * 10)
     with pytest.raises(ValueError, match=r"seq_len \(64\) must be <"):
         small.batch("train", 1, 64)
+    with pytest.raises(TypeError, match=r"seq_len must be an int, got float"):
+        corpus.batch("train", 1, 1.5)
+    with pytest.raises(TypeError, match=r"docs_per_domain must be an int, got str"):
+        build_documents("8")
 
 
 def test_any_local_text_file(tmp_path):

@@ -125,6 +125,13 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"mtp_lambda"):
         model.loss(x, x, mtp_lambda=-1)
+    with pytest.raises(TypeError, match=r"mtp_lambda must be a number, got str"):
+        model.loss(x, x, mtp_lambda="0.3")
+    for start_pos, error, message in ((1.5, TypeError, "start_pos must be an int, got float"),
+                                      ("0", TypeError, "start_pos must be an int, got str"),
+                                      (-1, ValueError, r"start_pos \(-1\) must be >= 0")):
+        with pytest.raises(error, match=message):
+            model(x, start_pos=start_pos)
     with pytest.raises(ValueError, match=r"targets: token ids must be in \[0, vocab_size \(80\)\)"):
         model.loss(x, torch.tensor([[1, 2, 3, 80]]))
     with pytest.raises(TypeError, match=r"targets must be an int64 or int32"):

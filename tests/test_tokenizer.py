@@ -93,8 +93,9 @@ def test_bad_vocab_size(documents):
 def test_bad_texts_and_ids_are_named(tok):
     """One string where a list of texts belongs used to train on its characters one by one; ids that are not
     integers and text with a lone surrogate failed inside tokenizers without naming what was wrong."""
-    with pytest.raises(TypeError, match=r"texts must be an iterable of str .* not one str"):
-        BPETokenizer.train("one long text", vocab_size=300)
+    for texts in ("one long text", 3):  # one str would be read character by character
+        with pytest.raises(TypeError, match=rf"texts must be an iterable of str .*, got {type(texts).__name__}"):
+            BPETokenizer.train(texts, vocab_size=300)
     for ids in ([1.5], "abc"):
         with pytest.raises(TypeError, match=r"ids must be a sequence of int token ids or a tensor"):
             tok.decode(ids)

@@ -299,6 +299,7 @@ def test_command_line_checks_its_input_before_the_first_step(tmp_path, capsys, m
                                                                      r"the limit of 1,048,576"),
         (["--text", str(tmp_path / "short.txt")], r"seq_len \(32\) must be < the corpus' val split \(\d+ tokens\)"),
         (["--text-limit", "0"], r"--text-limit \(0\) must be >= 1"),
+        (["--threads", str(10**6)], r"--threads \(1000000\) must be <= 4 x this machine's \d+ cores"),
         (["--docs-per-domain", "1"], r"--docs-per-domain 1 makes 4 documents, and training needs at least 10"),
     ]
     if os.path.exists("/dev/zero"):
