@@ -100,6 +100,23 @@ def rope_rows_to_interleaved(rows: torch.Tensor, rope_dim: int) -> torch.Tensor:
     return rows[..., torch.argsort(_half_split_order(rope_dim)), :]
 
 
+# ModelArgs fields -> the transformers config's (and a released config.json's)
+CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "dim": "hidden_size",
+    "inter_dim": "intermediate_size", "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers", "n_dense_layers": "first_k_dense_replace",
+    "max_seq_len": "max_position_embeddings", "n_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim", "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim", "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group", "n_limited_groups": "topk_group",
+    "route_scale": "routed_scaling_factor", "rms_norm_eps": "rms_norm_eps",
+    "init_std": "initializer_range",
+}
+
+
 def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
     """The `ModelArgs` of a transformers `DeepseekV3Config` (mtp_depth 0; `from_hf`
     sets it when it loads MTP layers). `overrides` sets fields that leave the model's
@@ -145,23 +162,12 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
     else:
         raise ValueError(f"rope_type ({rope_type!r}) is not supported: use "
                          "'default' or 'yarn'")
+    fields.update({ours: getattr(config, theirs)
+                   for ours, theirs in CONFIG_NAMES.items()})
     fields.update(
-        vocab_size=config.vocab_size, dim=config.hidden_size,
-        inter_dim=config.intermediate_size,
-        moe_inter_dim=config.moe_intermediate_size, n_layers=config.num_hidden_layers,
         n_dense_layers=min(config.first_k_dense_replace, config.num_hidden_layers),
-        max_seq_len=config.max_position_embeddings,
-        n_heads=config.num_attention_heads, q_lora_rank=config.q_lora_rank or 0,
-        kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
-        qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
-        n_routed_experts=config.n_routed_experts,
-        n_shared_experts=config.n_shared_experts,
-        n_activated_experts=config.num_experts_per_tok,
-        n_expert_groups=config.n_group, n_limited_groups=config.topk_group,
-        score_func="sigmoid", route_scale=float(config.routed_scaling_factor),
-        rms_norm_eps=config.rms_norm_eps, init_std=config.initializer_range,
-        mtp_depth=0,
-    )
+        q_lora_rank=config.q_lora_rank or 0, score_func="sigmoid",
+        route_scale=float(config.routed_scaling_factor), mtp_depth=0)
     fields.update(overrides)
     if rope_type == "yarn" and fields["max_seq_len"] <= fields["original_seq_len"]:
         # dsv3_lite (like DeepSeek's code) applies YaRN only when
@@ -170,7 +176,14 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
         raise ValueError(f"max_seq_len ({fields['max_seq_len']}) must be > "
                          f"original_seq_len ({fields['original_seq_len']}) for a "
                          "YaRN checkpoint, or its rope would differ")
-    return ModelArgs(**fields)
+    try:
+        return ModelArgs(**fields)
+    except (TypeError, ValueError) as err:  # named by the config's field
+        field = re.match(r"\w+", str(err))[0]
+        if field not in CONFIG_NAMES:
+            raise
+        raise type(err)(f"{CONFIG_NAMES[field]}: {err} (ModelArgs.{field} is the "
+                        f"config's {CONFIG_NAMES[field]})") from None
 
 
 class _Weights:
@@ -596,13 +609,10 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return value
 
 
-# the fields of a released config.json that have no default
-_CONFIG_REQUIRED = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-    "num_hidden_layers", "first_k_dense_replace", "max_position_embeddings",
-    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-    "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
-    "topk_group", "routed_scaling_factor", "rms_norm_eps")
+# what a released config.json may leave out, and the value it then has
+_CONFIG_DEFAULTS = dict(hidden_act="silu", attention_bias=False, norm_topk_prob=True,
+                        n_shared_experts=0, q_lora_rank=None, rope_interleave=True,
+                        initializer_range=0.02, num_nextn_predict_layers=0)
 
 
 def _config_attributes(config: dict[str, Any],
@@ -610,7 +620,8 @@ def _config_attributes(config: dict[str, Any],
     """A released config.json (read from `path`) as the attributes
     `args_from_hf_config` reads (the release writes rope_theta and rope_scaling;
     transformers 5, rope_parameters)."""
-    missing = [name for name in _CONFIG_REQUIRED if name not in config]
+    missing = [name for name in CONFIG_NAMES.values()
+               if name not in config and name not in _CONFIG_DEFAULTS]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: a DeepSeek-V3 "
                          "config.json gives each (nothing is assumed for them)")
@@ -624,10 +635,8 @@ def _config_attributes(config: dict[str, Any],
                     **(config.get("rope_scaling") or {})})
     if "type" in rope:
         rope["rope_type"] = rope.pop("type")
-    defaults = dict(hidden_act="silu", attention_bias=False, norm_topk_prob=True,
-                    n_shared_experts=0, q_lora_rank=None, rope_interleave=True,
-                    initializer_range=0.02, num_nextn_predict_layers=0)
-    return types.SimpleNamespace(**{**defaults, **config, "rope_parameters": rope})
+    return types.SimpleNamespace(**{**_CONFIG_DEFAULTS, **config,
+                                    "rope_parameters": rope})
 
 
 def _shard_paths(directory: pathlib.Path, index: pathlib.Path,

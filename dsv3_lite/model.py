@@ -59,7 +59,7 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        _check_fits_in_memory(args)
+        check_fits_in_memory(args)
         self.args = args
         device = torch.get_default_device()
         # Built on the meta device, then materialised: the modules' own default
@@ -248,7 +248,7 @@ class Transformer(nn.Module):
                    if mtp or not name.startswith("mtp."))
 
 
-def _check_fits_in_memory(args: ModelArgs) -> None:
+def check_fits_in_memory(args: ModelArgs) -> None:
     """Refuse, before allocating anything, a model whose weights alone exceed the
     default device's memory (`Transformer(ModelArgs())` would start allocating
     2.7 TB on a laptop)."""
@@ -265,7 +265,10 @@ def _check_fits_in_memory(args: ModelArgs) -> None:
     n_params = args.num_params() + args.mtp_depth * args.mtp_module_params()
     needed = n_params * torch.finfo(torch.get_default_dtype()).bits // 8
     if needed > available:
-        raise ValueError(f"this ModelArgs has {n_params:,} parameters "
+        shape = ", ".join(f"{name} {getattr(args, name):,}" for name in (
+            "dim", "n_layers", "vocab_size", "inter_dim", "n_routed_experts",
+            "moe_inter_dim"))
+        raise ValueError(f"this ModelArgs ({shape}) has {n_params:,} parameters "
                          f"({needed / 2**30:,.1f} GiB in "
                          f"{torch.get_default_dtype()}), more than the {device.type} "
                          f"memory ({available / 2**30:,.1f} GiB): use a small shape "
@@ -273,4 +276,4 @@ def _check_fits_in_memory(args: ModelArgs) -> None:
                          "(with torch.device('meta'): ...) to inspect it")
 
 
-__all__ = ["Transformer", "LossParts"]
+__all__ = ["Transformer", "LossParts", "check_fits_in_memory"]

@@ -46,7 +46,7 @@ from dsv3_lite.checkpoint import (FILES, MANIFEST, export, export_problem, flush
 from dsv3_lite.config import ModelArgs, check_int
 from dsv3_lite.data import (TEXT_LIMIT, VAL_EVERY, Corpus, Document, build_documents,
                             read_documents)
-from dsv3_lite.model import Transformer
+from dsv3_lite.model import Transformer, check_fits_in_memory
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import (TOKEN_BREAKPOINTS, History, Trainer, TrainArgs,
                                _check_rate, _cross_entropy, _device_of, evaluate,
@@ -444,6 +444,7 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
         raise ValueError(f"{options}: {err}") from None
     args = PRESETS[data["preset"]]().replace(fp8=train_args.precision == "fp8",
                                           **model_given)
+    check_fits_in_memory(args)  # before the tokenizer learns a vocab_size of tokens
     documents = _documents(data, opts.text_limit)  # checks the file before hashing
     data["text_sha256"] = sha256(data["text"]) if data["text"] is not None else None
     size = sum(len(d.text) for d in documents)

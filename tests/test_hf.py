@@ -325,6 +325,12 @@ def test_a_release_folder_that_does_not_match_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"config.json lacks hidden_size, n_group: a DeepSeek-V3 config.json "
                                          r"gives each"):
         load_release(tmp_path)
+    for field, value, message in (("hidden_size", "64", r"hidden_size: dim must be an int, got str \(ModelArgs.dim "
+                                                        r"is the config's hidden_size\)"),
+                                  ("num_hidden_layers", 0, r"num_hidden_layers: n_layers \(0\) must be")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises((TypeError, ValueError), match=message):
+            load_release(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     # an index that lost the entries of a shard names the weight and the index, not the config
     weight_map = read_index(tmp_path)["weight_map"]

@@ -72,7 +72,8 @@ def test_init_weights_draws_every_matrix_from_n_0_init_std():
 
 
 def test_a_model_too_big_for_memory_is_refused_with_a_hint():
-    with pytest.raises(ValueError, match=r"671,026,419,200 parameters.*ModelArgs.tiny\(\).*meta device"):
+    with pytest.raises(ValueError, match=r"this ModelArgs \(dim 7,168, n_layers 61, vocab_size 129,280, .*\) has "
+                                         r"671,026,419,200 parameters.*ModelArgs.tiny\(\).*meta device"):
         Transformer(ModelArgs.deepseek_v3(mtp_depth=0))
     with torch.device("meta"):
         assert Transformer(ModelArgs.deepseek_v3(n_layers=4)).num_params() > 0

@@ -300,6 +300,8 @@ def test_command_line_checks_its_input_before_the_first_step(tmp_path, capsys, m
         (["--text", str(tmp_path / "short.txt")], r"seq_len \(32\) must be < the corpus' val split \(\d+ tokens\)"),
         (["--text-limit", "0"], r"--text-limit \(0\) must be >= 1"),
         (["--threads", str(10**6)], r"--threads \(1000000\) must be <= 4 x this machine's \d+ cores"),
+        (["--vocab_size", str(10**9)], r"this ModelArgs \(dim 32, n_layers 2, vocab_size 1,000,000,000, .*\) has "
+                                        r"[\d,]+ parameters"),  # before the tokenizer tries to learn 10**9 tokens
         (["--docs-per-domain", "1"], r"--docs-per-domain 1 makes 4 documents, and training needs at least 10"),
     ]
     if os.path.exists("/dev/zero"):
