@@ -411,12 +411,17 @@ def _setup(opts: argparse.Namespace, device: torch.device) -> _Setup:
             raise ValueError(f"--{next(iter(tokens_given))}_tokens: a resumed run "
                              "keeps the breakpoints it was saved with")
         saved = _resumable(opts, device)
+        extended = "steps" in train_given
         steps = train_given.pop("steps", saved.train_args.steps)
         _check_unchanged(dataclasses.asdict(saved.model.args), model_given)
         _check_unchanged(dataclasses.asdict(saved.train_args), train_given)
         _check_unchanged(saved.data, data_given)
         _check_recorded(saved.data, opts)
         taken = saved.trainer_state["step"]
+        if not extended and steps < taken:
+            raise ValueError(f"{saved.path / 'trainer_state.pt'} is at step {taken}, "
+                             f"beyond the run's {steps} steps: it is corrupt or was "
+                             "edited")
         if steps < taken:
             raise ValueError(f"--steps ({steps}) must be >= the {taken} steps the "
                              f"run in {opts.out} has taken")

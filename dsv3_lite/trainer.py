@@ -687,10 +687,14 @@ class Trainer:
                              f"parameters: {err}") from None
         self.step, self.position = step, position
         self.history = History.from_dict(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if torch.cuda.is_available() and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        try:
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            if torch.cuda.is_available() and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as err:
+            raise ValueError("the trainer state's random number generator states "
+                             f"are corrupt or were edited ({err})") from None
 
 
 __all__ = ["TrainArgs", "Trainer", "History", "evaluate", "Precision",

@@ -2,8 +2,10 @@
 bad settings or a diverging run stop with an error that says what to change. The command line: it trains,
 saves, resumes bit for bit, explains its errors, and runs under torchrun with DDP."""
 import argparse
+import copy
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import pathlib
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -392,6 +395,30 @@ def test_command_line_resumes_from_the_newest_sound_checkpoint(whole_run, tmp_pa
     assert f"resuming {out} from step-00000004 (step 4 of 8)" in printed
     assert same_checkpoint(out, whole_run)
     assert history_of(out)["train_loss"] == history_of(whole_run)["train_loss"]
+
+
+def test_a_trainer_state_edited_with_its_manifest_is_still_refused(whole_run, tmp_path, capsys):
+    """An edit that also re-hashes the manifest passes the hashes; the state's own checks still name the file
+    and what is wrong, instead of blaming --steps or failing inside torch."""
+    out = tmp_path / "run"
+    shutil.copytree(whole_run, out)
+    folder = steps_of(out)[-1]
+    state = torch.load(folder / "trainer_state.pt", weights_only=True)
+    for edit, message in [
+            (lambda s: s.update(step=100), r"trainer_state.pt is at step 100, beyond the run's 8 steps: it is "
+                                           r"corrupt or was edited"),
+            (lambda s: s["rng"].update(torch=torch.zeros(7, dtype=torch.uint8)),
+             r"trainer_state.pt: the trainer state's random number generator states are corrupt or were edited")]:
+        edited = copy.deepcopy(state)
+        edit(edited)
+        torch.save(edited, folder / "trainer_state.pt")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        data = (folder / "trainer_state.pt").read_bytes()
+        manifest["files"]["trainer_state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), "--resume"])
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_command_line_says_when_the_disk_is_full(whole_run, tmp_path, monkeypatch):
