@@ -281,7 +281,12 @@ def save_step(run: str | pathlib.Path, model: Transformer, tokenizer: BPETokeniz
 
 
 def _flush_then_remove(directory: pathlib.Path, stale: list[pathlib.Path]) -> None:
-    _sync_folder(directory)
+    try:
+        _sync_folder(directory)
+    except OSError as err:
+        raise OSError(err.errno, f"the checkpoint {directory} could not be flushed "
+                      f"to the disk ({err.strerror or err}); the older checkpoints "
+                      "are kept", str(directory)) from None
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -387,14 +392,15 @@ def verify_manifest(directory: str | pathlib.Path) -> None:
 
 
 def _load_folder(directory: pathlib.Path, device: torch.device | str,
-                 check: bool, step: bool = False) -> Checkpoint:
-    """A checkpoint folder; a `step` folder of a run must have its manifest."""
+                 check: bool, in_run: bool = False) -> Checkpoint:
+    """A checkpoint folder; a step folder of a run (`in_run`) must have its
+    manifest."""
     absent = [f for f in FILES[:3] if not (directory / f).is_file()]
     if absent:
         raise FileNotFoundError(f"{directory} is not a dsv3_lite checkpoint: "
                                 f"{', '.join(absent)} missing (a checkpoint holds "
                                 f"{', '.join(FILES)})")
-    if check and step and not (directory / MANIFEST).is_file():
+    if check and in_run and not (directory / MANIFEST).is_file():
         raise ValueError(f"{directory} has no {MANIFEST}: a save that did not reach "
                          "the disk (a power cut?) or a folder made by hand")
     if check and (directory / MANIFEST).exists():
@@ -441,7 +447,7 @@ def load_checkpoint(directory: str | pathlib.Path,
     skipped = []
     for step in reversed(steps):
         try:
-            loaded = _load_folder(step, device, verify, step=True)
+            loaded = _load_folder(step, device, verify, in_run=True)
         except (ValueError, FileNotFoundError) as err:
             skipped.append(f"{step.name} skipped: {err}")
             continue
