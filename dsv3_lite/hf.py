@@ -179,7 +179,7 @@ def args_from_hf_config(config: Any, **overrides) -> ModelArgs:
     try:
         return ModelArgs(**fields)
     except (TypeError, ValueError) as err:  # named by the config's field
-        field = re.match(r"\w+", str(err))[0]
+        field = re.match(r"\w*", str(err))[0]
         if field not in CONFIG_NAMES:
             raise
         raise type(err)(f"{CONFIG_NAMES[field]}: {err} (ModelArgs.{field} is the "
