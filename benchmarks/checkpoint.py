@@ -12,8 +12,8 @@ time until the checkpoint is on the disk; "save_checkpoint" the synchronous save
 the rename), against the same files without manifest or fsync. A load (`load_checkpoint`) with `verify`
 hashes every file against the manifest first. Each figure is the median [min, max] over `--runs` runs, with
 the machine; the peak memory is the Python heap the save allocates (tracemalloc, in the warm-up round: the
-files' bytes are built in memory before they are written), beside the checkpoint's size on disk. Nothing is asserted: the figures
-are printed.
+files' bytes are built in memory before they are written), beside the checkpoint's size on disk. Nothing is
+asserted: the figures are printed.
 """
 from __future__ import annotations
 

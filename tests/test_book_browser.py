@@ -275,7 +275,8 @@ MEASURE_JS = r"""
   for (const c of document.querySelectorAll('mjx-container')) {
     const bad = c.querySelector('mjx-merror') ? 'a typesetting error' :
                 c.querySelector('mjx-mtext mjx-c.mjx-c5C') ||  // CHTML draws a text backslash as this glyph
-                [...c.querySelectorAll('mjx-utext')].some((t) => t.textContent.includes('\\')) ? 'a literal backslash' : '';
+                [...c.querySelectorAll('mjx-utext')].some((t) => t.textContent.includes('\\'))
+                    ? 'a literal backslash' : '';
     if (bad) out.math_problems.push({section: where(c), tex: tex(c), shows: bad});
   }
   for (const img of document.images) {
@@ -342,7 +343,8 @@ def _menus(page, width: str, shot) -> dict:
         toggle.first.click()
         page.wait_for_timeout(400)
         after = page.evaluate(state, ".bd-sidebar-primary")
-        result["primary"] = {"before": before["shown"], "after_click": hidden["shown"], "after_second_click": after["shown"]}
+        result["primary"] = {"before": before["shown"], "after_click": hidden["shown"],
+                             "after_second_click": after["shown"]}
         return result
     cw = page.evaluate("() => document.documentElement.clientWidth")
     for side, dialog, outside in (("primary", "#pst-primary-sidebar-modal", (cw - 15, 420)),
@@ -587,7 +589,8 @@ def exercise_problems(html: str) -> list[str]:
     exercises: list[list[Tag]] = []
     for element in section.find_all(recursive=False):
         strong = element.find("strong") if element.name == "p" else None
-        if strong is not None and element.contents and element.contents[0] is strong and re.fullmatch(r"\d+\.", strong.get_text(strip=True)):
+        if (strong is not None and element.contents and element.contents[0] is strong
+                and re.fullmatch(r"\d+\.", strong.get_text(strip=True))):
             exercises.append([element])
         elif exercises and element.name not in {"h2"}:
             exercises[-1].append(element)
@@ -612,7 +615,7 @@ def exercise_problems(html: str) -> list[str]:
                 problem = _expected_argument_problem(code)
                 if problem:
                     problems.append(f"{label}: {problem}")
-                for line in (l.strip() for l in output.splitlines()):
+                for line in (text.strip() for text in output.splitlines()):
                     if line and not CHECK_MESSAGE.match(line):
                         problems.append(f"{label}: the self-check prints more than its verdict: {line[:80]!r}")
             shown = sorted(format(n, "f") for n in answers & _numbers(code + "\n" + output))

@@ -27,8 +27,9 @@ from tests.test_generate import make_agreeable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-QUESTIONS = ["What is 35 * 9?", "What is 1234 + 56?", "What is 7 * 8?", "Ada has 3 coins, finds 4 more and gives away 1."
-             " How many coins does Ada have now?", "What is 12 * 3?", "你好，今天去哪里？"]
+QUESTIONS = ["What is 35 * 9?", "What is 1234 + 56?", "What is 7 * 8?",
+             "Ada has 3 coins, finds 4 more and gives away 1. How many coins does Ada have now?", "What is 12 * 3?",
+             "你好，今天去哪里？"]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,8 @@ def chat(*args, stdin=""):
 
 
 def test_chat_answers_each_question_until_q(checkpoint, client):
-    done = chat("--checkpoint", checkpoint, "--max-new-tokens", 12, stdin="What is 35 * 9?\n\nWhat is 7 * 8?\nq\nnever asked\n")
+    done = chat("--checkpoint", checkpoint, "--max-new-tokens", 12,
+                stdin="What is 35 * 9?\n\nWhat is 7 * 8?\nq\nnever asked\n")
     assert done.returncode == 0, done.stderr
     answers = [_printable(client.generate(text=q, max_new_tokens=12)["generated_text"])
                for q in ("What is 35 * 9?", "What is 7 * 8?")]
@@ -208,7 +210,8 @@ def test_chat_shows_the_accepted_drafts_and_ends_at_end_of_input(checkpoint, cli
     assert done.returncode == 0, done.stderr
     stats = client.generate(text="What is 7 * 8?", max_new_tokens=20, speculative=True)["stats"]
     steps = " ".join(map(str, stats["accepted_per_step"]))
-    assert f"[20 tokens in {stats['main_forwards']} forwards; drafts accepted per step: {steps}; acceptance " in done.stdout
+    assert (f"[20 tokens in {stats['main_forwards']} forwards; drafts accepted per step: {steps}; acceptance "
+            in done.stdout)
     assert done.stdout.endswith("]\n> \n")
 
 

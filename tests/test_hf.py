@@ -22,8 +22,8 @@ CASES = {
         q_lora_rank=None, n_shared_experts=2, rope_interleave=False,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
                              beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
-    "8_groups_limit_3": dict(q_lora_rank=16, n_shared_experts=1, n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3,
-                             first_k_dense_replace=2),
+    "8_groups_limit_3": dict(q_lora_rank=16, n_shared_experts=1, n_routed_experts=16, n_group=8, topk_group=3,
+                             num_experts_per_tok=3, first_k_dense_replace=2),
 }
 
 
@@ -163,7 +163,8 @@ def test_rope_row_permutations_are_inverse():
 
 def test_config_mapping_and_unsupported_configs():
     args = args_from_hf_config(DeepseekV3Config(), max_batch_size=2)
-    assert (args.dim, args.n_layers, args.n_routed_experts, args.q_lora_rank, args.route_scale) == (7168, 61, 256, 1536, 2.5)
+    assert ((args.dim, args.n_layers, args.n_routed_experts, args.q_lora_rank, args.route_scale)
+            == (7168, 61, 256, 1536, 2.5))
     with pytest.raises(ValueError, match="norm_topk_prob"):
         args_from_hf_config(DeepseekV3Config(**{**BASE, "norm_topk_prob": False}))
     with pytest.raises(ValueError, match="mscale_all_dim"):
@@ -249,7 +250,8 @@ def test_fp8_release_weights_are_dequantized_on_load(tmp_path):
     from safetensors import safe_open
 
     from dsv3_lite.fp8 import weight_dequant, weight_quant
-    from dsv3_lite.hf import _RELEASE_FP8, _Weights, _load, _split_release, load_release, release_state_dict, save_release
+    from dsv3_lite.hf import (_RELEASE_FP8, _Weights, _load, _split_release, load_release, release_state_dict,
+                              save_release)
 
     model = random_model()
     save_release(model, tmp_path, fp8=True)

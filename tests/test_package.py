@@ -1,14 +1,17 @@
-"""The package's shape: imports run one way, the core stays light, every name has one home, and no module
-overrides torch's private methods."""
+"""The package's shape: imports run one way, the core stays light, every name has one home, no module
+overrides torch's private methods, and the repository passes its lint (ruff)."""
 import ast
 import importlib
 import inspect
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from torch import nn
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dsv3_lite"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "dsv3_lite"
 
 # Layers, lowest first: a module may import only from strictly lower layers (book guide: config <-
 # components <- the assembled model <- its users <- notebooks).
@@ -95,3 +98,10 @@ def test_every_line_fits_the_books_code_column():
         if len(line) > BOOK_CODE_COLUMN
     ]
     assert not too_long, f"lines longer than {BOOK_CODE_COLUMN} characters:\n" + "\n".join(too_long)
+
+
+def test_the_repository_passes_its_lint():
+    """ruff, as configured in pyproject.toml, over the package, tests, benchmarks, tools and notebooks."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "."],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
