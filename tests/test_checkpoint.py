@@ -20,9 +20,8 @@ from dsv3_lite.data import Corpus, build_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import Trainer, TrainArgs
+from tests.models import SMALL
 
-SHAPE = dict(dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2, q_lora_rank=16, kv_lora_rank=16,
-             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def tok():
 def saved(tok, tmp_path_factory):
     """A checkpoint after two training steps."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SHAPE))
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SMALL))
     corpus = Corpus(build_documents(4), val_every=4, tokenizer=tok, fim_rate=0.1)
     trainer = Trainer(model, corpus, TrainArgs(steps=4, seq_len=32, batch_size=4, batch_size_start=4,
                                                warmup_steps=1, eval_batches=1), progress=False)
@@ -78,7 +77,7 @@ def test_loading_draws_no_random_numbers(saved):
 
 
 def test_a_model_without_trainer(tok, tmp_path):
-    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SHAPE))
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SMALL))
     save_checkpoint(tmp_path, model, tok)
     loaded = load_checkpoint(tmp_path)
     assert loaded.train_args is None and loaded.trainer_state is None
@@ -361,7 +360,7 @@ def test_missing_and_extra_tensors(saved, tmp_path):
 
 
 def test_a_model_of_another_shape(saved, tok):
-    other = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **{**SHAPE, "dim": 48}))
+    other = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **{**SMALL, "dim": 48}))
     before = other.embed.weight.clone()
     with pytest.raises(ValueError, match=r"holds tensors of other shapes: embed.weight is \(300, 32\) in the file "
                                          r"but \(300, 48\) in the model.*\(and \d+ more\)"):
@@ -382,7 +381,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_the_trainer_state_must_fit(saved, tok):
     directory, model, _ = saved
     state = load_checkpoint(directory).trainer_state
-    other = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **{**SHAPE, "n_layers": 3}))
+    other = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **{**SMALL, "n_layers": 3}))
     corpus = Corpus(build_documents(4), val_every=4, tokenizer=tok, fim_rate=0.1)
     trainer = Trainer(other, corpus, TrainArgs(steps=4, seq_len=32, batch_size=4, batch_size_start=4,
                                                warmup_steps=1))

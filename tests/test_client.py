@@ -23,7 +23,7 @@ from dsv3_lite.generate import generate
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import TrainArgs
-from tests.test_generate import make_agreeable
+from tests.models import make_agreeable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,26 +9,14 @@ import torch
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.generate import compare_decoding, generate, restrict, stream, verify_drafts
 from dsv3_lite.model import Transformer
+from tests.models import make_agreeable, seeded
 
 V = 64
 
 
-def make_agreeable(model: Transformer, noise: float = 0.5) -> Transformer:
-    """Make a random model's MTP drafts agree with the main model part of the time: strong embeddings make
-    both lean on the current token, and each projection M_k passes the embedding half through plus noise."""
-    dim = model.args.dim
-    with torch.no_grad():
-        model.embed.weight.mul_(3.0)
-        for module in model.mtp:
-            mix = noise * torch.randn(dim, dim) / dim ** 0.5
-            module.eh_proj.weight.copy_(torch.cat([torch.eye(dim), mix], dim=1))
-    return model
-
-
 def agreeable_model(seed: int = 3, noise: float = 0.5) -> Transformer:
     args = ModelArgs.tiny(vocab_size=V, mtp_depth=2, max_seq_len=64, original_seq_len=64, max_batch_size=4)
-    torch.manual_seed(seed)
-    return make_agreeable(Transformer(args).eval(), noise)
+    return make_agreeable(seeded(args, seed).eval(), noise)
 
 
 @pytest.fixture(scope="module")

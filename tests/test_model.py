@@ -12,13 +12,13 @@ from dsv3_lite.model import Transformer
 from dsv3_lite.moe import MLP, MoE, balance_loss, expert_load
 from dsv3_lite.mtp import mtp_chain
 from dsv3_lite.train import TrainingLoss, train_lm
+from tests.models import seeded
 
 ARGS = ModelArgs.tiny(max_seq_len=64, original_seq_len=64, max_batch_size=4, vocab_size=80)
 
 
 def build(args: ModelArgs = ARGS, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(args).eval()
+    return seeded(args, seed).eval()
 
 
 def test_structure_follows_the_config():

@@ -6,14 +6,14 @@ import torch.nn.functional as F
 from dsv3_lite.config import ModelArgs
 from dsv3_lite.model import Transformer
 from dsv3_lite.mtp import MTPModule, mtp_chain, mtp_loss
+from tests.models import seeded
 
 ARGS = ModelArgs.tiny(max_seq_len=64, original_seq_len=64, max_batch_size=4, vocab_size=80, mtp_depth=2,
                       init_std=0.1)
 
 
 def build(args: ModelArgs = ARGS, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(args)
+    return seeded(args, seed)
 
 
 def test_embedding_and_head_are_shared_objects():

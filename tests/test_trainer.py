@@ -14,13 +14,11 @@ from dsv3_lite.data import Corpus, Document, build_documents
 from dsv3_lite.model import Transformer
 from dsv3_lite.tokenizer import BPETokenizer
 from dsv3_lite.trainer import History, Trainer, TrainArgs
+from tests.models import SMALL
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-# A model small enough that a step takes a few milliseconds, with every V3 feature on.
-SHAPE = dict(dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2, n_heads=2, q_lora_rank=16, kv_lora_rank=16,
-             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64)
 RUN = dict(steps=10, seq_len=32, batch_size=8, batch_size_start=4, batch_warmup=0.3, warmup_steps=2,
            eval_batches=2)
 
@@ -43,7 +41,7 @@ def corpus(tok):
 def make(tok, corpus, seed=0, **changes):
     args = TrainArgs(**{**RUN, **changes})
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, fp8=args.precision == "fp8", **SHAPE))
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, fp8=args.precision == "fp8", **SMALL))
     return Trainer(model, corpus, args, progress=False)
 
 
@@ -223,7 +221,7 @@ def test_lower_precision_trains_close_to_fp32(tok, corpus, precision):
 
 def test_precision_must_match_the_model(tok, corpus):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SHAPE))
+    model = Transformer(ModelArgs.tiny(vocab_size=tok.vocab_size, **SMALL))
     with pytest.raises(ValueError, match=r"precision 'fp8' needs a model with ModelArgs.fp8=True"):
         Trainer(model, corpus, TrainArgs(**RUN, precision="fp8"))
 
@@ -238,7 +236,7 @@ def test_setting_that_does_not_fit_the_model_or_corpus(tok, corpus, change, mess
 
 
 def test_vocabulary_must_fit(tok, corpus):
-    model = Transformer(ModelArgs.tiny(vocab_size=260, **SHAPE))
+    model = Transformer(ModelArgs.tiny(vocab_size=260, **SMALL))
     with pytest.raises(ValueError, match=r"tokenizer has 320 tokens, more than the model's vocab_size \(260\)"):
         Trainer(model, corpus, TrainArgs(**RUN))
 
