@@ -42,6 +42,7 @@ def test_every_benchmark_has_a_smallest_mode():
     assert sorted(SMALLEST) == BENCHMARKS, "add the new benchmark's smallest arguments to SMALLEST"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_the_benchmark_runs_in_its_smallest_mode(name):
     done = subprocess.run([sys.executable, f"benchmarks/{name}", *SMALLEST.get(name, [])], cwd=ROOT,

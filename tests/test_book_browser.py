@@ -52,6 +52,8 @@ import urllib.parse
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test here starts other processes
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
 SCREENSHOTS = ROOT / "_build" / "screenshots"

@@ -196,6 +196,7 @@ def chat(*args, stdin=""):
                           capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_chat_answers_each_question_until_q(checkpoint, client):
     done = chat("--checkpoint", checkpoint, "--max-new-tokens", 12,
                 stdin="What is 35 * 9?\n\nWhat is 7 * 8?\nq\nnever asked\n")
@@ -205,6 +206,7 @@ def test_chat_answers_each_question_until_q(checkpoint, client):
     assert done.stdout == (f"> What is 35 * 9?\n{answers[0]}\n> \n> What is 7 * 8?\n{answers[1]}\n> q\n")
 
 
+@pytest.mark.slow
 def test_chat_shows_the_accepted_drafts_and_ends_at_end_of_input(checkpoint, client):
     done = chat("--checkpoint", checkpoint, "--speculative", "--max-new-tokens", 20, stdin="What is 7 * 8?\n")
     assert done.returncode == 0, done.stderr
@@ -215,6 +217,7 @@ def test_chat_shows_the_accepted_drafts_and_ends_at_end_of_input(checkpoint, cli
     assert done.stdout.endswith("]\n> \n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given", [None, "empty folder"])
 def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
     done = chat(*([] if given is None else ["--checkpoint", tmp_path]), stdin="What is 2 + 2?\n")
@@ -224,12 +227,14 @@ def test_chat_without_a_checkpoint_says_how_to_make_one(tmp_path, given):
         assert "is not a dsv3_lite checkpoint: model.safetensors, config.json, tokenizer.json missing" in done.stderr
 
 
+@pytest.mark.slow
 def test_chat_reports_a_question_it_cannot_take_and_goes_on(checkpoint):
     done = chat("--checkpoint", checkpoint, "--max-new-tokens", 5, stdin="seven " * 300 + "\nWhat is 7 * 8?\n")
     assert done.returncode == 0, done.stderr
     assert "error: the prompt has" in done.stdout and done.stdout.count("> ") == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_chat_without_a_traceback(checkpoint):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-m", "dsv3_lite.chat", "--checkpoint", str(checkpoint)],
@@ -241,6 +246,7 @@ def test_ctrl_c_ends_the_chat_without_a_traceback(checkpoint):
     assert process.returncode == 130 and out == "\n" and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_chat_rejects_bad_options_before_the_first_question(checkpoint):
     done = chat("--checkpoint", checkpoint, "--temperature", 1, "--top-k", 0, stdin="What is 2 + 2?\n")
     assert done.returncode == 2 and "top_k (0) must be an int >= 1" in done.stderr
@@ -250,6 +256,7 @@ def test_the_chat_writes_control_characters_as_escapes():
     assert _printable("a\x1b[2Jb\x07\u009b\n\tc 你好") == "a\\x1b[2Jb\\x07\\x9b\n\tc 你好"
 
 
+@pytest.mark.slow
 def test_chat_echoes_no_escape_sequence_and_survives_bytes_that_are_not_utf8(checkpoint):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "dsv3_lite.chat", "--checkpoint", str(checkpoint),
@@ -300,6 +307,7 @@ def test_the_book_checkpoint_is_small_and_the_readme_command_made_it():
     assert saved["data"] == train.DATA_DEFAULTS and saved["trainer_state"] is False
 
 
+@pytest.mark.slow
 def test_the_book_checkpoint_answers_in_the_corpus_format():
     """It is a poor calculator (chapter 8: 8 of 100 held-out questions), but it knows the products it was
     trained on and writes every answer in the corpus's worked format."""

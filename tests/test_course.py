@@ -22,8 +22,9 @@ import course  # noqa: E402
 from notebook_cells import KERNEL_ENV  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-pytestmark = pytest.mark.skipif(shutil.which("otter") is None, reason="otter-grader is not installed "
-                                "(pip install -r requirements-dev.txt)")
+pytestmark = [pytest.mark.slow,  # every test here starts other processes
+              pytest.mark.skipif(shutil.which("otter") is None, reason="otter-grader is not installed "
+                                 "(pip install -r requirements-dev.txt)")]
 
 
 def grade(autograder: pathlib.Path, submission: pathlib.Path, out: pathlib.Path) -> dict:

@@ -370,6 +370,7 @@ def real_runs():
     return schedules, results, reference_step(workload)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(4), ids=["1F1B", "ZB1P", "DualPipe", "DualPipeV"])
 def test_real_run_reproduces_the_single_process_step(real_runs, index):
     schedules, results, reference = real_runs
@@ -380,6 +381,7 @@ def test_real_run_reproduces_the_single_process_step(real_runs, index):
     assert agreement.max_grad_diff < 1e-13
 
 
+@pytest.mark.slow
 def test_a_deadlocking_schedule_is_refused_before_any_process_starts():
     schedule = build("1F1B", 2, 4)
     first = list(schedule.ranks[0])  # F0 F1 B0 F2 B1 F3 B2 B3: B0 before F1 waits on rank 1's F1
@@ -390,11 +392,13 @@ def test_a_deadlocking_schedule_is_refused_before_any_process_starts():
         run_spawned([schedule.with_ranks([first, second])], Workload(n_stages=2, n_micro_batches=4))
 
 
+@pytest.mark.slow
 def test_processes_that_do_not_finish_in_time_are_stopped():
     with pytest.raises(TimeoutError, match="did not finish within 0.5 s"):
         run_spawned([build("1F1B", 2, 4)], Workload(n_stages=2, n_micro_batches=4), timeout=0.5)
 
 
+@pytest.mark.slow
 def test_torchrun_runs_dualpipev_on_two_processes():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

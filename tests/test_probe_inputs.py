@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts other processes
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -110,6 +110,7 @@ def test_a_corpus_encodes_with_it(tok, documents):
     assert tok.decode(corpus.train[:first_doc]) == documents[0].text
 
 
+@pytest.mark.slow
 def test_a_very_long_word_is_learned_from_in_pieces(documents):
     """The BPE trainer's time grows with the square of a word's length: a 3 MB word ran for most of an hour. Runs of
     more than LONGEST_RUN characters without a space are cut for training (the book's corpus has none, so its

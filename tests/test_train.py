@@ -443,6 +443,7 @@ def test_command_line_says_when_the_disk_is_full(whole_run, tmp_path, monkeypatc
     assert same_checkpoint(out, whole_run)
 
 
+@pytest.mark.slow
 def test_command_line_survives_kill_9_during_saves(whole_run, tmp_path):
     """SIGKILL the training command line while it saves (--save-every 1), at seeded offsets of 0-10 ms after a
     chosen step's save began, then resume it: every step folder left is complete and consistent (its files
@@ -615,6 +616,7 @@ def run_to_completion(command, seconds):
     return output
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) vs 1 process, same global batch: each process takes half of every
     batch and DDP averages the gradients, so only the order of floating-point sums differs. Tolerance: 1e-4
