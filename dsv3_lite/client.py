@@ -25,6 +25,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from dsv3_lite.checkpoint import load_checkpoint
+from dsv3_lite.config import check_number
 from dsv3_lite.data import QUESTION
 from dsv3_lite.generate import GenerationStats, stream
 
@@ -140,9 +141,7 @@ class Client:
         if not isinstance(stop, bool):
             raise TypeError(f"stop must be True (end at the end-of-text token) or "
                             f"False, got {stop!r}: stop strings are not supported")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError("temperature must be a number, got "
-                            f"{type(temperature).__name__} {temperature!r}")
+        check_number("temperature", temperature)  # compared with 0 below
         generator = torch.Generator(device=self._device)
         if temperature > 0:  # greedy decoding draws no random numbers
             seed = generator.seed() if seed is None else seed

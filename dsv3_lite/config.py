@@ -26,6 +26,15 @@ def check_int(name: str, value: object, minimum: int) -> None:
     if value < minimum:
         raise ValueError(f"{name} ({value}) must be >= {minimum}")
 
+
+def check_number(name: str, value: object) -> None:
+    """A clear TypeError unless `value` is a real number (an int or a float, not a
+    bool or a string such as "0.5")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} "
+                        f"{value!r}")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Hyper-parameters of a DeepSeek-V3-style model (frozen: change a field
@@ -200,18 +209,12 @@ class ModelArgs:
                 raise ValueError(f"{name} ({value}) must be > 0")
         for name in ["n_dense_layers", "q_lora_rank", "n_shared_experts",
                      "mtp_depth"]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{name} ({value}) must be >= 0")
+            check_int(name, getattr(self, name), 0)
         for name in ["route_scale", "bias_update_speed", "seq_aux_alpha",
                      "aux_loss_alpha", "rope_theta", "rope_factor", "beta_fast",
                      "beta_slow", "mscale", "rms_norm_eps", "init_std"]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got "
-                                f"{type(value).__name__}")
+            check_number(name, value)
             if not math.isfinite(value):
                 raise ValueError(f"{name} ({value}) must be finite")
         for name in ["route_scale", "rms_norm_eps", "init_std", "beta_slow"]:

@@ -39,6 +39,7 @@ from typing import Iterator
 
 import torch
 
+from dsv3_lite.config import check_number
 from dsv3_lite.model import Transformer
 
 
@@ -233,9 +234,7 @@ def _check_args(model: Transformer, tokens: torch.Tensor, max_new_tokens: int,
         raise ValueError("prompt length + max_new_tokens "
                          f"({tokens.shape[1]} + {max_new_tokens}) must be <= "
                          f"max_seq_len ({model.args.max_seq_len})")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError("temperature must be a number, got "
-                        f"{type(temperature).__name__} {temperature!r}")
+    check_number("temperature", temperature)
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature ({temperature}) must be finite and >= 0 "
                          "(0: greedy; an infinite one would sample uniform noise)")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3_lite.block import Block
-from dsv3_lite.config import ModelArgs, check_int
+from dsv3_lite.config import ModelArgs, check_int, check_number
 from dsv3_lite.mla import CachedAttention
 from dsv3_lite.moe import Experts, Gate, MoE, Routing, expert_load
 from dsv3_lite.mtp import MTPModule, mtp_chain, mtp_loss
@@ -169,9 +169,7 @@ class Transformer(nn.Module):
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of "
                              f"tokens {tuple(tokens.shape)}")
         targets = targets.long()
-        if isinstance(mtp_lambda, bool) or not isinstance(mtp_lambda, (int, float)):
-            raise TypeError(f"mtp_lambda must be a number, got "
-                            f"{type(mtp_lambda).__name__}")
+        check_number("mtp_lambda", mtp_lambda)
         if not mtp_lambda >= 0:
             raise ValueError(f"mtp_lambda ({mtp_lambda}) must be >= 0")
         h, routings = self.hidden_states(tokens)

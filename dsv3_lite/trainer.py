@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from dsv3_lite.config import check_int
+from dsv3_lite.config import check_int, check_number
 from dsv3_lite.data import Corpus
 from dsv3_lite.model import LossParts, Transformer
 from dsv3_lite.moe import max_violation
@@ -54,8 +54,7 @@ Precision = Literal["fp32", "bf16", "fp8"]
 
 # ----------------------------------------------------------------- shared helpers
 def _check_rate(name: str, value: object, positive: bool, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    check_number(name, value)
     if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         raise ValueError(f"{name} ({value}) must be a finite number "
                          f"{'> 0' if positive else '>= 0'}{why}")
