@@ -319,18 +319,16 @@ def _start_processes(device: str | None) -> tuple[int, int, torch.device]:
 def _documents(data: dict[str, Any], text_limit: int) -> list[Document]:
     if data["text"] is None:
         documents = build_documents(data["docs_per_domain"])
-        if len(documents) < VAL_EVERY:
-            raise ValueError(f"--docs-per-domain {data['docs_per_domain']} makes "
-                             f"{len(documents)} documents, and training needs at "
-                             f"least {VAL_EVERY} (every {VAL_EVERY}th is held out "
-                             "for validation)")
-        return documents
-    documents = read_documents(data["text"], text_limit * 2**20)
+        source, why = f"--docs-per-domain {data['docs_per_domain']} makes", ""
+    else:
+        documents = read_documents(data["text"], text_limit * 2**20)
+        source = f"--text {data['text']} holds"
+        why = (": a document is a paragraph, and paragraphs are separated by a "
+                "blank line")
     if len(documents) < VAL_EVERY:
-        raise ValueError(f"--text {data['text']} holds {len(documents)} documents, "
-                         f"and training needs at least {VAL_EVERY} (every "
-                         f"{VAL_EVERY}th is held out for validation): a document is "
-                         "a paragraph, and paragraphs are separated by a blank line")
+        raise ValueError(f"{source} {len(documents)} documents, and training needs "
+                         f"at least {VAL_EVERY} (every {VAL_EVERY}th is held out for "
+                         f"validation){why}")
     return documents
 
 
