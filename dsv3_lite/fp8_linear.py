@@ -42,10 +42,7 @@ def gemm_ops(kernels: str, device: torch.device | str,
     device = torch.device(device)
     if not triton_kernels.use_triton(kernels, device):
         return _REFERENCE
-    runnable = (block_size >= 16 and block_size & (block_size - 1) == 0
-                and (device.type != "cuda"
-                     or torch.cuda.get_device_capability(device) >= (8, 9)))
-    if kernels == "auto" and not runnable:
+    if kernels == "auto" and not triton_kernels.fp8_runnable(device, block_size):
         return _REFERENCE
     return _GemmOps(triton_kernels.act_quant, triton_kernels.fp8_gemm)
 

@@ -292,6 +292,17 @@ def _check_block_size(block_size: int, name: str = "block_size") -> None:
                          "(a Triton block)")
 
 
+def fp8_runnable(device: torch.device, block_size: int) -> bool:
+    """Whether `act_quant` and `fp8_gemm` run on `device` with `block_size` (the
+    rules their errors name)."""
+    try:
+        _check_fp8_runnable(device)
+        _check_block_size(block_size)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def _check_2d(x: Tensor, name: str) -> None:
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
@@ -402,7 +413,7 @@ def mla_decode(q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, scale: fl
     if len({x.dtype for x in (q_latent, q_pe, kv, pe)}) != 1:
         raise ValueError("q_latent, q_pe, kv and pe must share one dtype")
     if lengths is None:
-        lengths = torch.full((b,), t, device=kv.device)
+        lengths = torch.full((b,), t, dtype=torch.int32, device=kv.device)
     elif (lengths.shape != (b,) or lengths.is_floating_point()
           or lengths.device != kv.device):
         raise ValueError(f"lengths {tuple(lengths.shape)} must be (B,) = ({b},) "
@@ -493,5 +504,5 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor,
     return _grouped_linear_launch(x, weight, schedule, block_m)
 
 
-__all__ = ["interpreted", "use_triton", "act_quant", "weight_dequant", "fp8_gemm",
-           "mla_decode", "grouped_tile_schedule", "grouped_linear"]
+__all__ = ["interpreted", "use_triton", "fp8_runnable", "act_quant", "weight_dequant",
+           "fp8_gemm", "mla_decode", "grouped_tile_schedule", "grouped_linear"]

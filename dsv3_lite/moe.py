@@ -86,7 +86,7 @@ class Experts(nn.Module):
     w2 (N_r, dim, inter) its down projection: the matrices an `MLP` holds.
     `experts(x, counts)` runs every expert on its own rows at once; `experts[j]` is
     expert j alone, as a function of x. With `fp8` the grouped multiplies are FP8
-    GEMMs (`dsv3_lite.fp8.fp8_grouped_linear`); where no gradient is recorded,
+    GEMMs (`dsv3_lite.fp8_linear.fp8_grouped_linear`); where no gradient is recorded,
     `kernels` (`ModelArgs.kernels`) may run them as one Triton launch."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, fp8: bool = False,
@@ -130,7 +130,7 @@ class Experts(nn.Module):
         before w2 rather than its output (dim wide): the same product, with
         inter / dim of the multiplications."""
         # under fp8 each expert's GEMMs are FP8 GEMMs, on the FP8 Triton kernels
-        # where `kernels` selects them (`fp8.gemm_ops`); the FP32 grouped kernel
+        # where `kernels` selects them (`fp8_linear.gemm_ops`); the FP32 grouped kernel
         # below would skip the FP8 rounding
         matmul = (functools.partial(fp8_grouped_linear, kernels=self.kernels)
                   if self.fp8 else grouped_linear)
