@@ -5,7 +5,6 @@ import argparse
 import copy
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -413,8 +412,8 @@ def test_a_trainer_state_edited_with_its_manifest_is_still_refused(whole_run, tm
         edit(edited)
         torch.save(edited, folder / "trainer_state.pt")
         manifest = json.loads((folder / MANIFEST).read_text())
-        data = (folder / "trainer_state.pt").read_bytes()
-        manifest["files"]["trainer_state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        path = folder / "trainer_state.pt"
+        manifest["files"]["trainer_state.pt"] = {"bytes": path.stat().st_size, "sha256": checkpoint.sha256(path)}
         (folder / MANIFEST).write_text(json.dumps(manifest))
         with pytest.raises(SystemExit):
             main(["--out", str(out), "--resume"])
