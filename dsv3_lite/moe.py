@@ -130,8 +130,8 @@ class Experts(nn.Module):
         before w2 rather than its output (dim wide): the same product, with
         inter / dim of the multiplications."""
         # under fp8 each expert's GEMMs are FP8 GEMMs, on the FP8 Triton kernels
-        # where `kernels` selects them (`fp8_linear.gemm_ops`); the FP32 grouped kernel
-        # below would skip the FP8 rounding
+        # where `kernels` selects them (`fp8_linear.gemm_ops`); the FP32 grouped
+        # kernel below would skip the FP8 rounding
         matmul = (functools.partial(fp8_grouped_linear, kernels=self.kernels)
                   if self.fp8 else grouped_linear)
         recording = torch.is_grad_enabled() and (x.requires_grad
